@@ -1,0 +1,408 @@
+//! The environment contract (SPEC §7): every variable is read once with envy and
+//! validated here, so a bad value stops the process before anything connects.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default broker address: the local RabbitMQ with the stock guest account.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A configuration problem, always naming the variable so the operator knows what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable at fault, spelled as the operator sets it.
+    pub var: &'static str,
+    /// What is wrong with it, in words.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            var,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A secret value (token, password, HMAC key) whose `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's bytes, for constant-time comparison or signing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Log output format (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines, the default.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Inbound authentication settings (SPEC §4.4); every configured check must pass.
+#[derive(Debug, Clone, Default)]
+pub struct InboundAuth {
+    /// Shared secret expected as a bearer token or in `token_header`.
+    pub token: Option<Secret>,
+    /// Header carrying the token instead of `Authorization: Bearer` (lower-case name).
+    pub token_header: Option<http::HeaderName>,
+    /// `user:pass` expected as HTTP Basic credentials.
+    pub basic_auth: Option<Secret>,
+    /// Key of the `X-Hub-Signature-256` HMAC over the raw body.
+    pub hmac_secret: Option<Secret>,
+}
+
+/// The validated configuration of one relay process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Broker address, checked to be a well-formed AMQP URI.
+    pub amqp_url: String,
+    /// Where events are forwarded; only the commands that deliver require it.
+    pub downstream_url: Option<reqwest::Url>,
+    /// Address the HTTP receiver binds.
+    pub listen_addr: SocketAddr,
+    /// Attempts per event before it is dead-lettered (at least 1).
+    pub max_attempts: u32,
+    /// Backoff unit: the wait after failed attempt k is `base * 2^k`, capped.
+    pub backoff_base: Duration,
+    /// Cap of the backoff and of an honoured `Retry-After`; the last retry level.
+    pub backoff_max: Duration,
+    /// Time allowed for one downstream attempt made by a worker.
+    pub delivery_timeout: Duration,
+    /// Whether the receiver makes attempt 1 itself before answering.
+    pub inline_delivery: bool,
+    /// Time allowed for the inline attempt (kept below the senders' own timeouts).
+    pub inline_timeout: Duration,
+    /// Prefix of every exchange and queue name, so deployments can share a broker.
+    pub queue_prefix: String,
+    /// Deliveries in flight per worker process (the consumer prefetch).
+    pub worker_concurrency: u16,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// How long a stopping process lets in-flight work finish.
+    pub shutdown_grace: Duration,
+    /// How long a publish may wait for the broker's confirm before it counts as failed.
+    pub publish_timeout: Duration,
+    /// Bearer token guarding `/admin`; the tree does not exist without it.
+    pub admin_token: Option<Secret>,
+    /// Inbound authentication checks.
+    pub inbound: InboundAuth,
+    /// Log output format.
+    pub log_format: LogFormat,
+}
+
+/// The variables as strings, exactly as envy reads them from the environment.
+#[derive(Debug, Default, Deserialize)]
+struct RawEnv {
+    amqp_url: Option<String>,
+    downstream_url: Option<String>,
+    listen_addr: Option<String>,
+    max_attempts: Option<String>,
+    backoff_base_ms: Option<String>,
+    backoff_max_ms: Option<String>,
+    delivery_timeout_ms: Option<String>,
+    inline_delivery: Option<String>,
+    inline_timeout_ms: Option<String>,
+    queue_prefix: Option<String>,
+    worker_concurrency: Option<String>,
+    max_body_bytes: Option<String>,
+    shutdown_grace_ms: Option<String>,
+    publish_timeout_ms: Option<String>,
+    admin_token: Option<String>,
+    inbound_token: Option<String>,
+    inbound_token_header: Option<String>,
+    inbound_basic_auth: Option<String>,
+    inbound_hmac_secret: Option<String>,
+    log_format: Option<String>,
+}
+
+impl Config {
+    /// Reads the process environment (after `.env`, which the caller loads).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_raw(envy::from_env::<RawEnv>().map_err(envy_error)?)
+    }
+
+    /// Reads the same contract from explicit pairs; tests build their configuration this way.
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let vars: HashMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        Self::from_raw(envy::from_iter::<_, RawEnv>(vars).map_err(envy_error)?)
+    }
+
+    fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
+        let amqp_url = nonblank(raw.amqp_url).unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
+        lapin::uri::AMQPUri::from_str(&amqp_url).map_err(|e| {
+            ConfigError::new("AMQP_URL", format!("not a valid AMQP URL ({e})"))
+        })?;
+
+        let downstream_url = nonblank(raw.downstream_url)
+            .map(|s| parse_http_url("DOWNSTREAM_URL", &s))
+            .transpose()?;
+
+        let listen_addr = match nonblank(raw.listen_addr) {
+            None => SocketAddr::from(([0, 0, 0, 0], 8000)),
+            Some(s) => s.parse().map_err(|_| {
+                ConfigError::new(
+                    "LISTEN_ADDR",
+                    format!("expected host:port such as 0.0.0.0:8000, got {s:?}"),
+                )
+            })?,
+        };
+
+        let max_attempts: u32 = number("MAX_ATTEMPTS", raw.max_attempts, 5)?;
+        if max_attempts == 0 {
+            return Err(ConfigError::new("MAX_ATTEMPTS", "must be at least 1"));
+        }
+        let backoff_base_ms: u64 = positive("BACKOFF_BASE_MS", raw.backoff_base_ms, 1000)?;
+        let backoff_max_ms: u64 = positive("BACKOFF_MAX_MS", raw.backoff_max_ms, 3_600_000)?;
+        if backoff_max_ms < backoff_base_ms {
+            return Err(ConfigError::new(
+                "BACKOFF_MAX_MS",
+                format!("must not be below BACKOFF_BASE_MS ({backoff_base_ms})"),
+            ));
+        }
+        // Queue TTLs are 32-bit on the broker side; 24 days is far past any sane cap.
+        if backoff_max_ms > u64::from(u32::MAX >> 1) {
+            return Err(ConfigError::new(
+                "BACKOFF_MAX_MS",
+                "must be at most 1073741823 (about 12 days)",
+            ));
+        }
+        let delivery_timeout_ms = positive("DELIVERY_TIMEOUT_MS", raw.delivery_timeout_ms, 10_000)?;
+        let inline_delivery = boolean("INLINE_DELIVERY", raw.inline_delivery, true)?;
+        let inline_timeout_ms = positive("INLINE_TIMEOUT_MS", raw.inline_timeout_ms, 2_000)?;
+
+        let queue_prefix = nonblank(raw.queue_prefix).unwrap_or_else(|| "webhooks".to_owned());
+        validate_prefix(&queue_prefix)?;
+
+        let worker_concurrency: u16 = positive("WORKER_CONCURRENCY", raw.worker_concurrency, 32)?;
+        let max_body_bytes: usize = positive("MAX_BODY_BYTES", raw.max_body_bytes, 1_048_576)?;
+        let shutdown_grace_ms: u64 = number("SHUTDOWN_GRACE_MS", raw.shutdown_grace_ms, 10_000)?;
+        let publish_timeout_ms: u64 = positive("PUBLISH_TIMEOUT_MS", raw.publish_timeout_ms, 5_000)?;
+
+        let inbound_token_header = nonblank(raw.inbound_token_header)
+            .map(|h| {
+                http::HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes()).map_err(
+                    |_| ConfigError::new("INBOUND_TOKEN_HEADER", format!("not a valid header name: {h:?}")),
+                )
+            })
+            .transpose()?
+            // `Authorization` is the default carrier (as a bearer token), not a custom header.
+            .filter(|h| h != http::header::AUTHORIZATION);
+        let basic_auth = nonblank(raw.inbound_basic_auth).map(Secret);
+        if let Some(b) = &basic_auth
+            && !b.0.contains(':')
+        {
+            return Err(ConfigError::new(
+                "INBOUND_BASIC_AUTH",
+                "expected user:pass (the colon is missing)",
+            ));
+        }
+
+        let log_format = match nonblank(raw.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("expected text or json, got {other:?}"),
+                ));
+            }
+        };
+
+        Ok(Self {
+            amqp_url,
+            downstream_url,
+            listen_addr,
+            max_attempts,
+            backoff_base: Duration::from_millis(backoff_base_ms),
+            backoff_max: Duration::from_millis(backoff_max_ms),
+            delivery_timeout: Duration::from_millis(delivery_timeout_ms),
+            inline_delivery,
+            inline_timeout: Duration::from_millis(inline_timeout_ms),
+            queue_prefix,
+            worker_concurrency,
+            max_body_bytes,
+            shutdown_grace: Duration::from_millis(shutdown_grace_ms),
+            publish_timeout: Duration::from_millis(publish_timeout_ms),
+            admin_token: nonblank(raw.admin_token).map(Secret),
+            inbound: InboundAuth {
+                token: nonblank(raw.inbound_token).map(Secret),
+                token_header: inbound_token_header,
+                basic_auth,
+                hmac_secret: nonblank(raw.inbound_hmac_secret).map(Secret),
+            },
+            log_format,
+        })
+    }
+
+    /// The downstream URL, for the commands that deliver; names the variable when it is missing.
+    pub fn require_downstream(&self, command: &str) -> Result<&reqwest::Url, ConfigError> {
+        self.downstream_url.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                "DOWNSTREAM_URL",
+                format!("is required by `{command}` (the URL events are forwarded to)"),
+            )
+        })
+    }
+}
+
+fn envy_error(e: envy::Error) -> ConfigError {
+    // Every field is an optional string, so envy can only fail on non-UTF-8 values.
+    ConfigError::new("environment", e.to_string())
+}
+
+fn nonblank(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.trim().is_empty())
+}
+
+fn number<T: FromStr>(var: &'static str, raw: Option<String>, default: T) -> Result<T, ConfigError> {
+    match nonblank(raw) {
+        None => Ok(default),
+        Some(s) => s.trim().parse().map_err(|_| {
+            ConfigError::new(var, format!("expected a whole number, got {s:?}"))
+        }),
+    }
+}
+
+fn positive<T>(var: &'static str, raw: Option<String>, default: T) -> Result<T, ConfigError>
+where
+    T: FromStr + PartialEq + Default,
+{
+    let v = number(var, raw, default)?;
+    if v == T::default() {
+        return Err(ConfigError::new(var, "must be greater than 0"));
+    }
+    Ok(v)
+}
+
+fn boolean(var: &'static str, raw: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    match nonblank(raw).map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        None => Ok(default),
+        Some("true" | "1" | "yes" | "on") => Ok(true),
+        Some("false" | "0" | "no" | "off") => Ok(false),
+        Some(other) => Err(ConfigError::new(
+            var,
+            format!("expected true or false, got {other:?}"),
+        )),
+    }
+}
+
+fn parse_http_url(var: &'static str, s: &str) -> Result<reqwest::Url, ConfigError> {
+    let url = reqwest::Url::parse(s.trim())
+        .map_err(|e| ConfigError::new(var, format!("not a valid URL ({e}): {s:?}")))?;
+    match url.scheme() {
+        "http" | "https" if url.host().is_some() => Ok(url),
+        _ => Err(ConfigError::new(
+            var,
+            format!("expected an http:// or https:// URL with a host, got {s:?}"),
+        )),
+    }
+}
+
+fn validate_prefix(prefix: &str) -> Result<(), ConfigError> {
+    // Leaves room for the longest suffix (".retry.NN-<delay>") within AMQP's 255-byte names.
+    if prefix.len() > 200 {
+        return Err(ConfigError::new("QUEUE_PREFIX", "must be at most 200 characters"));
+    }
+    if !prefix
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
+    {
+        return Err(ConfigError::new(
+            "QUEUE_PREFIX",
+            format!("may hold only letters, digits and . - _ : (got {prefix:?})"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = cfg(&[("DOWNSTREAM_URL", "http://example.test/hook")]).unwrap();
+        assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(c.listen_addr, "0.0.0.0:8000".parse().unwrap());
+        assert_eq!(c.max_attempts, 5);
+        assert_eq!(c.backoff_base, Duration::from_millis(1000));
+        assert_eq!(c.backoff_max, Duration::from_millis(3_600_000));
+        assert_eq!(c.delivery_timeout, Duration::from_millis(10_000));
+        assert!(c.inline_delivery);
+        assert_eq!(c.inline_timeout, Duration::from_millis(2000));
+        assert_eq!(c.queue_prefix, "webhooks");
+        assert_eq!(c.worker_concurrency, 32);
+        assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.shutdown_grace, Duration::from_millis(10_000));
+        assert_eq!(c.publish_timeout, Duration::from_millis(5_000));
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (vars, var) in [
+            (vec![("MAX_ATTEMPTS", "abc")], "MAX_ATTEMPTS"),
+            (vec![("MAX_ATTEMPTS", "0")], "MAX_ATTEMPTS"),
+            (vec![("DOWNSTREAM_URL", "not a url")], "DOWNSTREAM_URL"),
+            (vec![("DOWNSTREAM_URL", "ftp://x/y")], "DOWNSTREAM_URL"),
+            (vec![("AMQP_URL", "http://nope")], "AMQP_URL"),
+            (vec![("LISTEN_ADDR", "8000")], "LISTEN_ADDR"),
+            (vec![("INLINE_DELIVERY", "maybe")], "INLINE_DELIVERY"),
+            (vec![("BACKOFF_BASE_MS", "0")], "BACKOFF_BASE_MS"),
+            (vec![("BACKOFF_BASE_MS", "10"), ("BACKOFF_MAX_MS", "5")], "BACKOFF_MAX_MS"),
+            (vec![("QUEUE_PREFIX", "has space")], "QUEUE_PREFIX"),
+            (vec![("WORKER_CONCURRENCY", "70000")], "WORKER_CONCURRENCY"),
+            (vec![("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+            (vec![("INBOUND_BASIC_AUTH", "nocolon")], "INBOUND_BASIC_AUTH"),
+        ] {
+            let err = cfg(&vars).unwrap_err();
+            assert_eq!(err.var, var, "{vars:?} gave {err}");
+            assert!(err.to_string().starts_with(var));
+        }
+    }
+
+    #[test]
+    fn downstream_is_required_only_where_used() {
+        let c = cfg(&[]).unwrap();
+        let err = c.require_downstream("serve").unwrap_err();
+        assert_eq!(err.var, "DOWNSTREAM_URL");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = cfg(&[("ADMIN_TOKEN", "hunter2"), ("INBOUND_HMAC_SECRET", "s3cret")]).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"));
+    }
+}

@@ -1,0 +1,135 @@
+//! The receive endpoints (SPEC §4.2, §4.3): read and check the request, then deliver
+//! inline or queue it, and answer 2xx only once the event is delivered or durable.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use http::{HeaderMap, StatusCode, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use super::{Answer, ApiError, auth};
+use crate::broker::Target;
+use crate::envelope::Envelope;
+use crate::event;
+use crate::relay::{Relay, Settled};
+
+type Answered = Result<(StatusCode, Json<Answer>), ApiError>;
+
+/// `POST /webhook/receive`: the prototype's path.
+pub async fn receive_default(
+    State(relay): State<Arc<Relay>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answered {
+    receive(&relay, None, headers, body).await
+}
+
+/// `POST /webhooks/{name}`: the name becomes the webhook name.
+pub async fn receive_named(
+    State(relay): State<Arc<Relay>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answered {
+    receive(&relay, Some(name), headers, body).await
+}
+
+async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: Body) -> Answered {
+    // Until the body is parsed, the only id available is the sender's key (or a new one).
+    let early_id = || event::event_id(&headers, None).unwrap_or_else(event::new_event_id);
+    let cfg = &relay.config;
+
+    if !auth::check_headers(&cfg.inbound, &headers) {
+        return Err(unauthorized(early_id()));
+    }
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body exceeds {} bytes", cfg.max_body_bytes),
+            early_id(),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cfg.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    // Stops reading as soon as the limit is passed; never buffers more than the limit.
+    let bytes = match Limited::new(body, cfg.max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => return Err(too_large()),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "could not read the request body",
+                early_id(),
+            ));
+        }
+    };
+    if !auth::check_body(&cfg.inbound, &headers, &bytes) {
+        return Err(unauthorized(early_id()));
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "body is empty",
+            early_id(),
+        ));
+    }
+    let parsed: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("body is not valid JSON: {e}"),
+            early_id(),
+        )
+    })?;
+
+    let id = event::event_id(&headers, Some(&parsed)).unwrap_or_else(event::new_event_id);
+    let webhook = event::webhook_name(name.as_deref(), &headers, Some(&parsed));
+    drop(parsed);
+    let event = Envelope::received(
+        id.clone(),
+        webhook,
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+        event::forwarded_headers(&headers, cfg.inbound.token_header.as_ref()),
+        bytes,
+    );
+
+    let unavailable = |e: crate::broker::PublishError| {
+        tracing::warn!(event_id = %id, error = %e, "answering 503: event not stored");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "event could not be stored; retry later",
+            id.clone(),
+        )
+    };
+    let answer = |status, word| Ok((status, Json(Answer { status: word, id: id.clone() })));
+
+    if !cfg.inline_delivery {
+        relay
+            .broker
+            .publish(Target::Work, &event)
+            .await
+            .map_err(unavailable)?;
+        return answer(StatusCode::ACCEPTED, "queued");
+    }
+    match relay
+        .attempt_and_settle(event, Some(cfg.inline_timeout))
+        .await
+    {
+        Ok(Settled::Delivered) => answer(StatusCode::OK, "delivered"),
+        Ok(Settled::Retried { .. }) => answer(StatusCode::ACCEPTED, "queued_for_retry"),
+        Ok(Settled::DeadLettered(_)) => answer(StatusCode::ACCEPTED, "dead_lettered"),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+fn unauthorized(id: String) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "authentication failed", id)
+}
