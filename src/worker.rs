@@ -22,6 +22,9 @@ use crate::relay::Relay;
 pub async fn run(relay: Arc<Relay>, cancel: CancellationToken) {
     let tracker = TaskTracker::new();
     let mut sessions = relay.broker.subscribe();
+    // Dropping a lapin channel closes it, which would hand in-flight deliveries back to
+    // the broker before they are acked: the last channel lives until the tracker is done.
+    let mut _last_channel: Option<Channel> = None;
     'sessions: loop {
         // Wait for a usable session (or the stop signal).
         let session = tokio::select! {
@@ -48,6 +51,7 @@ pub async fn run(relay: Arc<Relay>, cancel: CancellationToken) {
                     let _ = channel
                         .basic_cancel(consumer.tag(), BasicCancelOptions { nowait: false })
                         .await;
+                    _last_channel = Some(channel);
                     break 'sessions;
                 }
                 next = consumer.next() => match next {

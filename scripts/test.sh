@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against a real RabbitMQ: the one at AMQP_URL when it
+# answers, else a local rabbitmq-server it starts, else `docker compose up -d rabbitmq`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+# host and port out of amqp://user:pass@host:port/vhost
+hostport="${AMQP_URL#*://}"; hostport="${hostport##*@}"; hostport="${hostport%%/*}"
+host="${hostport%%:*}"; port="${hostport##*:}"; [ "$port" = "$hostport" ] && port=5672
+
+broker_answers() { (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; }
+wait_for_broker() {
+  for _ in $(seq 1 90); do broker_answers && return 0; sleep 1; done
+  echo "test.sh: RabbitMQ did not come up at $host:$port within 90 s" >&2
+  return 1
+}
+
+if broker_answers; then
+  echo "test.sh: using RabbitMQ at $host:$port"
+elif command -v rabbitmq-server >/dev/null 2>&1; then
+  echo "test.sh: starting the local rabbitmq-server"
+  rabbitmq-server -detached
+  wait_for_broker
+  rabbitmqctl -q await_startup --timeout 60 >/dev/null 2>&1 || true
+elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+  echo "test.sh: starting RabbitMQ with docker compose"
+  docker compose up -d rabbitmq
+  wait_for_broker
+else
+  echo "test.sh: no RabbitMQ at $host:$port; install rabbitmq-server or Docker, or set AMQP_URL" >&2
+  exit 1
+fi
+
+cargo test --locked --all-targets "$@"

@@ -1,0 +1,138 @@
+//! A programmable mock downstream: the system we do not own, so a small axum server
+//! is the right double (unlike the broker, which is always real).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+/// What the downstream answers to one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// Answer this status.
+    Status(u16),
+    /// Answer this status with a `Retry-After` header.
+    RetryAfter(u16, &'static str),
+    /// Wait, then answer 200.
+    Slow(Duration),
+    /// Never answer (until the client gives up).
+    Hang,
+}
+
+/// One request the downstream saw.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Replies used in order; `default` once they run out.
+    script: Mutex<VecDeque<Reply>>,
+    default: Mutex<Option<Reply>>,
+    received: Mutex<Vec<Received>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// A running mock downstream.
+#[derive(Clone)]
+pub struct Downstream {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Downstream {
+    /// Starts a downstream answering `default` to everything (after `script`, if set).
+    pub async fn start(default: Reply) -> Self {
+        let shared = Arc::new(Shared::default());
+        *shared.default.lock().unwrap() = Some(default);
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, shared }
+    }
+
+    /// Replies used (in order) before the default one.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.shared.script.lock().unwrap().extend(replies);
+    }
+
+    /// Changes the default reply.
+    pub fn set_default(&self, reply: Reply) {
+        *self.shared.default.lock().unwrap() = Some(reply);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.shared.received.lock().unwrap().len()
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests seen for one event id (its `Idempotency-Key`).
+    pub fn for_id(&self, id: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.header("idempotency-key") == Some(id))
+            .collect()
+    }
+}
+
+async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    s.received.lock().unwrap().push(Received {
+        at: Instant::now(),
+        headers,
+        body,
+    });
+    let reply = s
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .or_else(|| s.default.lock().unwrap().clone())
+        .unwrap_or(Reply::Status(200));
+    let response = match reply {
+        Reply::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
+        Reply::RetryAfter(code, ra) => {
+            (StatusCode::from_u16(code).unwrap(), [("retry-after", ra)]).into_response()
+        }
+        Reply::Slow(d) => {
+            tokio::time::sleep(d).await;
+            StatusCode::OK.into_response()
+        }
+        Reply::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::OK.into_response()
+        }
+    };
+    s.in_flight.fetch_sub(1, Ordering::SeqCst);
+    response
+}

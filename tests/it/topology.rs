@@ -1,0 +1,89 @@
+//! The declared topology (SPEC §2) and the publisher's refusal to call an
+//! unroutable publish a success.
+
+use std::time::Duration;
+
+use lapin::options::QueueDeleteOptions;
+use webhook_relay::app::Role;
+use webhook_relay::broker::{PublishError, Target};
+use webhook_relay::envelope::Envelope;
+
+use crate::common::downstream::{Downstream, Reply};
+use crate::common::{Inspector, TestApp, config, unique_prefix};
+
+#[tokio::test]
+async fn every_queue_exists_and_declaring_again_is_idempotent() {
+    let down = Downstream::start(Reply::Status(200)).await;
+    let app = TestApp::spawn(Role::Serve, &[("DOWNSTREAM_URL", &down.url())]).await;
+    let inspect = Inspector::connect().await;
+    let names: Vec<String> = app.topology().queues().into_iter().map(|q| q.name).collect();
+    assert_eq!(names.len(), 6, "work + 4 retry levels + dlq: {names:?}");
+    assert!(names.contains(&format!("{}.retry.01-40ms", app.prefix)));
+    assert!(names.contains(&format!("{}.retry.04-200ms", app.prefix)));
+    // Passive declares fail for a missing queue.
+    for n in &names {
+        inspect.count(n).await;
+    }
+    // A second declaration with the same arguments is accepted.
+    app.topology().declare(inspect.channel()).await.expect("idempotent");
+    inspect.close().await;
+}
+
+#[tokio::test]
+async fn a_second_process_with_the_same_prefix_shares_the_topology() {
+    let prefix = unique_prefix("shared");
+    let down = Downstream::start(Reply::Status(200)).await;
+    let a = TestApp::spawn(
+        Role::Receiver,
+        &[("DOWNSTREAM_URL", &down.url()), ("QUEUE_PREFIX", &prefix), ("INLINE_DELIVERY", "false")],
+    )
+    .await;
+    let b = TestApp::spawn(
+        Role::Worker,
+        &[("DOWNSTREAM_URL", &down.url()), ("QUEUE_PREFIX", &prefix)],
+    )
+    .await
+    .shares_topology();
+    let resp = a.post("/webhook/receive", r#"{"id":"split-1"}"#, &[]).await;
+    assert_eq!(resp.status(), 202);
+    crate::common::eventually(Duration::from_secs(10), "worker process delivered", || async {
+        down.for_id("split-1").len() == 1
+    })
+    .await;
+    drop(b);
+}
+
+#[tokio::test]
+async fn an_unroutable_publish_is_a_failure_not_a_success() {
+    let prefix = unique_prefix("unroutable");
+    let cfg = config(&prefix, &[("DOWNSTREAM_URL", "http://127.0.0.1:9/")]);
+    let app = TestApp::spawn_config(Role::Serve, cfg, true).await;
+    let inspect = Inspector::connect().await;
+    // Remove the DLQ behind the relay's back: a mandatory publish to it must fail.
+    inspect
+        .channel()
+        .queue_delete(
+            app.topology().dlq.as_str().into(),
+            QueueDeleteOptions {
+                if_unused: false,
+                if_empty: false,
+                nowait: false,
+            },
+        )
+        .await
+        .unwrap();
+    let event = Envelope::received("u-1".into(), "w".into(), None, vec![], "{}".into());
+    let err = app
+        .relay
+        .broker
+        .publish(Target::Dlq, &event)
+        .await
+        .expect_err("unroutable must not count as stored");
+    assert!(matches!(err, PublishError::Unroutable { code: 312, .. }), "{err:?}");
+    // The relay re-declares its topology after such a failure and publishing works again.
+    crate::common::eventually(Duration::from_secs(10), "topology restored", || async {
+        app.relay.broker.publish(Target::Dlq, &event).await.is_ok()
+    })
+    .await;
+    inspect.close().await;
+}
