@@ -120,7 +120,13 @@ impl Relay {
         .instrument(span.clone())
         .await
         .inspect_err(|e| {
-            span.in_scope(|| tracing::warn!(error = %e, "could not store the attempt's outcome"))
+            span.in_scope(|| match e {
+                // The outage itself is logged once by the broker supervisor.
+                PublishError::NotConnected => {
+                    tracing::debug!(error = %e, "could not store the attempt's outcome")
+                }
+                _ => tracing::warn!(error = %e, "could not store the attempt's outcome"),
+            })
         })
     }
 }

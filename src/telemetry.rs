@@ -1,5 +1,6 @@
 //! Logging: `tracing` with readable text by default or JSON lines (`LOG_FORMAT`),
-//! filtered by `RUST_LOG` (default `info`).
+//! filtered by `RUST_LOG` (default `info`, with the AMQP client's own chatter off: the
+//! relay logs one line when it loses and one when it regains the broker).
 
 use tracing_subscriber::EnvFilter;
 
@@ -7,12 +8,17 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber; call once, from `main`.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }

@@ -38,7 +38,7 @@ pub async fn run(relay: Arc<Relay>, cancel: CancellationToken) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "could not start consuming; waiting for a new broker session");
-                relay.broker.report_broken();
+                relay.broker.report_broken(&session);
                 wait_for_new_session(&mut sessions, &session, &cancel).await;
                 continue;
             }
@@ -68,7 +68,7 @@ pub async fn run(relay: Arc<Relay>, cancel: CancellationToken) {
             }
         }
         // The consumer ended without a stop signal: the channel or connection broke.
-        relay.broker.report_broken();
+        relay.broker.report_broken(&session);
         wait_for_new_session(&mut sessions, &session, &cancel).await;
     }
     tracker.close();
@@ -126,7 +126,10 @@ async fn handle(relay: &Relay, delivery: lapin::message::Delivery) {
     let event = Envelope::from_amqp(&delivery.properties, delivery.data);
     let settled = relay.attempt_and_settle(event, None).await;
     let result = if settled.is_ok() {
-        delivery.acker.ack(BasicAckOptions { multiple: false }).await
+        delivery
+            .acker
+            .ack(BasicAckOptions { multiple: false })
+            .await
     } else {
         // Not settled (publish failed): hand it back for another worker or a later try.
         delivery

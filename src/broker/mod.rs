@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use rand::Rng;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Envelope;
@@ -74,6 +74,9 @@ pub struct Session {
     channels: Vec<Channel>,
     /// Round-robin cursor over `channels`.
     next: AtomicUsize,
+    /// Cancelled by a user that saw this session fail; the supervisor then replaces it.
+    /// Per session, so a late report about an old session never tears down a new one.
+    broken: CancellationToken,
 }
 
 impl Session {
@@ -99,8 +102,6 @@ struct Inner {
     topology: Topology,
     /// The current usable session, or `None` while the broker is away.
     session: watch::Sender<Option<Arc<Session>>>,
-    /// Wakes the supervisor when a user of the session saw it fail.
-    broken: Notify,
     /// Bound on how long a publish waits for its confirm.
     publish_timeout: Duration,
     /// Stops the supervisor; cancelled last, after the users of the broker are done.
@@ -140,7 +141,6 @@ impl Broker {
             pool,
             topology,
             session,
-            broken: Notify::new(),
             publish_timeout,
             stop: CancellationToken::new(),
         });
@@ -180,9 +180,9 @@ impl Broker {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Tells the supervisor the session failed under a user; it will be replaced.
-    pub fn report_broken(&self) {
-        self.inner.broken.notify_one();
+    /// Tells the supervisor that `session` failed under a user; it will be replaced.
+    pub fn report_broken(&self, session: &Session) {
+        session.broken.cancel();
     }
 
     /// A pooled connection for one-off tools (DLQ listing, replay, teardown).
@@ -219,7 +219,7 @@ impl Broker {
                     event.properties(),
                 )
                 .await?;
-            Ok::<_, lapin::Error>(confirm.await?)
+            confirm.await
         };
         let result = match tokio::time::timeout(self.inner.publish_timeout, publish).await {
             Err(_) => Err(PublishError::Timeout(self.inner.publish_timeout)),
@@ -238,8 +238,8 @@ impl Broker {
                 PublishError::Broker(_)
                 | PublishError::Unroutable { .. }
                 | PublishError::NotConfirmMode,
-            ) => self.report_broken(),
-            Err(PublishError::Timeout(_)) if !session.is_usable() => self.report_broken(),
+            ) => self.report_broken(&session),
+            Err(PublishError::Timeout(_)) if !session.is_usable() => self.report_broken(&session),
             _ => {}
         }
         result
@@ -280,7 +280,7 @@ async fn supervise(inner: Arc<Inner>) {
                 loop {
                     tokio::select! {
                         _ = inner.stop.cancelled() => return,
-                        _ = inner.broken.notified() => break,
+                        _ = session.broken.cancelled() => break,
                         ev = events.next() => match ev {
                             Some(lapin::Event::Error(e)) => {
                                 tracing::debug!(error = %e, "broker connection error event");
@@ -303,9 +303,9 @@ async fn supervise(inner: Arc<Inner>) {
             Err(e) => {
                 failures += 1;
                 if failures == 1 {
-                    tracing::warn!(error = format!("{e:#}"), "broker unavailable; retrying with backoff");
+                    tracing::warn!(error = %crate::error_chain(e.as_ref()), "broker unavailable; retrying with backoff");
                 } else {
-                    tracing::debug!(error = format!("{e:#}"), failures, "broker still unavailable");
+                    tracing::debug!(error = %crate::error_chain(e.as_ref()), failures, "broker still unavailable");
                 }
             }
         }
@@ -329,7 +329,8 @@ async fn open_session(inner: &Inner) -> Result<Session, anyhow::Error> {
         let mut channels = Vec::with_capacity(PUBLISH_CHANNELS);
         for _ in 0..PUBLISH_CHANNELS {
             let ch = connection.create_channel().await?;
-            ch.confirm_select(ConfirmSelectOptions { nowait: false }).await?;
+            ch.confirm_select(ConfirmSelectOptions { nowait: false })
+                .await?;
             channels.push(ch);
         }
         Ok::<_, lapin::Error>(channels)
@@ -339,6 +340,7 @@ async fn open_session(inner: &Inner) -> Result<Session, anyhow::Error> {
             connection,
             channels,
             next: AtomicUsize::new(0),
+            broken: CancellationToken::new(),
         }),
         Err(e) => {
             let _ = connection.close(200, "setup failed".into()).await;

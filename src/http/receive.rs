@@ -10,7 +10,7 @@ use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::{Answer, ApiError, auth};
-use crate::broker::Target;
+use crate::broker::{PublishError, Target};
 use crate::envelope::Envelope;
 use crate::event;
 use crate::relay::{Relay, Settled};
@@ -101,15 +101,28 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
         bytes,
     );
 
-    let unavailable = |e: crate::broker::PublishError| {
-        tracing::warn!(event_id = %id, error = %e, "answering 503: event not stored");
+    let unavailable = |e: PublishError| {
+        if matches!(e, PublishError::NotConnected) {
+            // The outage itself is logged once by the broker supervisor.
+            tracing::debug!(event_id = %id, error = %e, "answering 503: event not stored");
+        } else {
+            tracing::warn!(event_id = %id, error = %e, "answering 503: event not stored");
+        }
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "event could not be stored; retry later",
             id.clone(),
         )
     };
-    let answer = |status, word| Ok((status, Json(Answer { status: word, id: id.clone() })));
+    let answer = |status, word| {
+        Ok((
+            status,
+            Json(Answer {
+                status: word,
+                id: id.clone(),
+            }),
+        ))
+    };
 
     if !cfg.inline_delivery {
         relay

@@ -26,12 +26,17 @@ pub enum Reply {
     Hang,
 }
 
+/// A per-request rule, consulted before the script: `Some(reply)` decides.
+pub type Rule = Arc<dyn Fn(&HeaderMap) -> Option<Reply> + Send + Sync>;
+
 /// One request the downstream saw.
 #[derive(Debug, Clone)]
 pub struct Received {
     pub at: Instant,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The status answered (recorded once the reply is chosen; `Hang` records 0).
+    pub status: u16,
 }
 
 impl Received {
@@ -42,6 +47,7 @@ impl Received {
 
 #[derive(Default)]
 struct Shared {
+    rule: Mutex<Option<Rule>>,
     /// Replies used in order; `default` once they run out.
     script: Mutex<VecDeque<Reply>>,
     default: Mutex<Option<Reply>>,
@@ -72,6 +78,24 @@ impl Downstream {
     /// Replies used (in order) before the default one.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.shared.script.lock().unwrap().extend(replies);
+    }
+
+    /// Decides replies per request (by header, e.g. the event id or attempt number).
+    pub fn set_rule(&self, rule: impl Fn(&HeaderMap) -> Option<Reply> + Send + Sync + 'static) {
+        *self.shared.rule.lock().unwrap() = Some(Arc::new(rule));
+    }
+
+    /// Ids (Idempotency-Key) answered 2xx, with how many times each was.
+    pub fn delivered(&self) -> std::collections::HashMap<String, usize> {
+        let mut out = std::collections::HashMap::new();
+        for r in self.received() {
+            if (200..300).contains(&r.status)
+                && let Some(id) = r.header("idempotency-key")
+            {
+                *out.entry(id.to_owned()).or_insert(0) += 1;
+            }
+        }
+        out
     }
 
     /// Changes the default reply.
@@ -107,18 +131,23 @@ impl Downstream {
 async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let rule = s.rule.lock().unwrap().clone();
+    let reply = rule
+        .and_then(|r| r(&headers))
+        .or_else(|| s.script.lock().unwrap().pop_front())
+        .or_else(|| s.default.lock().unwrap().clone())
+        .unwrap_or(Reply::Status(200));
+    let status = match &reply {
+        Reply::Status(c) | Reply::RetryAfter(c, _) => *c,
+        Reply::Slow(_) => 200,
+        Reply::Hang => 0,
+    };
     s.received.lock().unwrap().push(Received {
         at: Instant::now(),
         headers,
         body,
+        status,
     });
-    let reply = s
-        .script
-        .lock()
-        .unwrap()
-        .pop_front()
-        .or_else(|| s.default.lock().unwrap().clone())
-        .unwrap_or(Reply::Status(200));
     let response = match reply {
         Reply::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
         Reply::RetryAfter(code, ra) => {
