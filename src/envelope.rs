@@ -207,7 +207,10 @@ impl Envelope {
                 .get(H_LAST_STATUS)
                 .and_then(amqp_u64)
                 .and_then(|s| u16::try_from(s).ok()),
-            dead_letter_reason: text(H_REASON),
+            // A message the broker dead-lettered itself (past `x-delivery-limit`) has no
+            // relay reason, only the broker's: say so rather than show nothing.
+            dead_letter_reason: text(H_REASON)
+                .or_else(|| text("x-first-death-reason").map(|r| format!("broker_{r}"))),
             dead_lettered_at_ms: text(H_DEAD_LETTERED_AT).and_then(|s| parse_rfc3339_ms(&s)),
             body: Bytes::from(body),
         }
@@ -291,6 +294,18 @@ mod tests {
         props = props.with_headers(h);
         let again = Envelope::from_amqp(&props, vec![]).properties();
         assert!(!again.headers().as_ref().unwrap().contains_key("x-death"));
+    }
+
+    #[test]
+    fn broker_dead_lettering_is_named_as_such() {
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        let props = BasicProperties::default().with_headers(h);
+        let e = Envelope::from_amqp(&props, vec![]);
+        assert_eq!(e.dead_letter_reason.as_deref(), Some("broker_delivery_limit"));
     }
 
     #[test]
