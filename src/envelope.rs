@@ -210,10 +210,25 @@ impl Envelope {
             // A message the broker dead-lettered itself (past `x-delivery-limit`) has no
             // relay reason, only the broker's: say so rather than show nothing.
             dead_letter_reason: text(H_REASON)
-                .or_else(|| text("x-first-death-reason").map(|r| format!("broker_{r}"))),
+                .or_else(|| broker_death_reason(h).map(|r| format!("broker_{r}"))),
             dead_lettered_at_ms: text(H_DEAD_LETTERED_AT).and_then(|s| parse_rfc3339_ms(&s)),
             body: Bytes::from(body),
         }
+    }
+}
+
+/// The reason of the broker's most recent dead-lettering: `x-last-death-reason`
+/// (RabbitMQ 3.13+), else the newest (first) entry of `x-death` (3.10).
+fn broker_death_reason(h: &std::collections::BTreeMap<ShortString, AMQPValue>) -> Option<String> {
+    if let Some(r) = h.get("x-last-death-reason").and_then(amqp_text) {
+        return Some(r);
+    }
+    match h.get("x-death")? {
+        AMQPValue::FieldArray(deaths) => match deaths.as_slice().first()? {
+            AMQPValue::FieldTable(t) => t.inner().get("reason").and_then(amqp_text),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -298,14 +313,29 @@ mod tests {
 
     #[test]
     fn broker_dead_lettering_is_named_as_such() {
+        // 3.10: only x-death, newest first (the retry expiry came before the limit).
+        let death = |reason: &str| {
+            let mut t = FieldTable::default();
+            t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+            AMQPValue::FieldTable(t)
+        };
+        let mut deaths = FieldArray::default();
+        deaths.push(death("delivery_limit"));
+        deaths.push(death("expired"));
         let mut h = FieldTable::default();
-        h.insert(
-            "x-first-death-reason".into(),
-            AMQPValue::LongString("delivery_limit".into()),
+        h.insert("x-death".into(), AMQPValue::FieldArray(deaths));
+        let e = Envelope::from_amqp(&BasicProperties::default().with_headers(h.clone()), vec![]);
+        assert_eq!(
+            e.dead_letter_reason.as_deref(),
+            Some("broker_delivery_limit")
         );
-        let props = BasicProperties::default().with_headers(h);
-        let e = Envelope::from_amqp(&props, vec![]);
-        assert_eq!(e.dead_letter_reason.as_deref(), Some("broker_delivery_limit"));
+        // 3.13+: x-last-death-reason says it directly.
+        h.insert(
+            "x-last-death-reason".into(),
+            AMQPValue::LongString("rejected".into()),
+        );
+        let e = Envelope::from_amqp(&BasicProperties::default().with_headers(h), vec![]);
+        assert_eq!(e.dead_letter_reason.as_deref(), Some("broker_rejected"));
     }
 
     #[test]
