@@ -104,3 +104,53 @@ async fn an_unroutable_publish_is_a_failure_not_a_success() {
     .await;
     inspect.close().await;
 }
+
+#[tokio::test]
+async fn a_message_past_the_work_delivery_limit_is_parked_in_the_dlq() {
+    // Queue-first receiver, no worker: the event waits in P.work for our fake consumer.
+    let app = TestApp::spawn(Role::Receiver, &[("INLINE_DELIVERY", "false")]).await;
+    let resp = app
+        .post("/webhook/receive", r#"{"id":"poison-1"}"#, &[])
+        .await;
+    assert_eq!(resp.status(), 202);
+    let inspect = Inspector::connect().await;
+    let work = app.topology().work.clone();
+    // A consumer that keeps failing it: every return counts as a redelivery.
+    let mut returns = 0;
+    while let Some(m) = inspect
+        .channel()
+        .basic_get(
+            work.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+    {
+        m.delivery
+            .acker
+            .nack(lapin::options::BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await
+            .unwrap();
+        returns += 1;
+        assert!(returns <= 100, "the broker never gave up on it");
+    }
+    let dlq = app.topology().dlq.clone();
+    crate::common::eventually(
+        Duration::from_secs(10),
+        "poison message in the DLQ",
+        || async { inspect.count(&dlq).await == 1 },
+    )
+    .await;
+    let m = inspect.drain(&dlq).await.remove(0);
+    let e = Envelope::from_amqp(&m.delivery.properties, m.delivery.data);
+    assert_eq!(e.id, "poison-1");
+    assert_eq!(
+        e.dead_letter_reason.as_deref(),
+        Some("broker_delivery_limit")
+    );
+    println!("returned {returns} times before the broker dead-lettered it");
+    inspect.close().await;
+}
