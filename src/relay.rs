@@ -119,13 +119,14 @@ impl Relay {
         }
         .instrument(span.clone())
         .await
-        .inspect_err(|e| {
-            span.in_scope(|| match e {
-                // The outage itself is logged once by the broker supervisor.
-                PublishError::NotConnected => {
+        .inspect_err(|e: &PublishError| {
+            span.in_scope(|| {
+                // An outage is logged once by the broker supervisor, not once per event.
+                if e.is_connection_loss() {
                     tracing::debug!(error = %e, "could not store the attempt's outcome")
+                } else {
+                    tracing::warn!(error = %e, "could not store the attempt's outcome")
                 }
-                _ => tracing::warn!(error = %e, "could not store the attempt's outcome"),
             })
         })
     }

@@ -66,6 +66,14 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
 }
 
+impl PublishError {
+    /// Whether the failure is the broker connection going away, which the supervisor
+    /// already reports once; callers log these quietly instead of once per event.
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(self, Self::NotConnected | Self::Broker(_))
+    }
+}
+
 /// One live connection with the topology declared and confirm-mode channels open.
 pub struct Session {
     /// The connection, held out of the pool while the session lives.

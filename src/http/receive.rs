@@ -102,8 +102,8 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     );
 
     let unavailable = |e: PublishError| {
-        if matches!(e, PublishError::NotConnected) {
-            // The outage itself is logged once by the broker supervisor.
+        if e.is_connection_loss() {
+            // An outage is logged once by the broker supervisor, not once per request.
             tracing::debug!(event_id = %id, error = %e, "answering 503: event not stored");
         } else {
             tracing::warn!(event_id = %id, error = %e, "answering 503: event not stored");

@@ -3,17 +3,19 @@
 //! binary is killed with SIGKILL and SIGTERM. They run one at a time (see
 //! `support::serial`) and never touch the shared broker's availability.
 
-#[path = "../it/common/downstream.rs"]
-#[allow(dead_code)]
-mod downstream;
+#[path = "../it/common/mod.rs"]
+mod common;
 mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use downstream::{Downstream, Reply};
-use support::{Node, Relay, delete_topology, queue_counts, report, send_all, serial};
+use common::downstream::{Downstream, Reply};
+use support::{
+    Node, Relay, delete_topology, queue_counts, queue_first_env, report, send_all, serial,
+    shared_amqp, topology,
+};
 
 fn prefix(name: &str) -> String {
     format!("fault-{name}-{}", std::process::id())
@@ -43,7 +45,7 @@ async fn broker_restart_during_a_queue_first_flow_loses_nothing() {
     let mut relay = Relay::spawn(
         "serve",
         &[
-            ("AMQP_URL", &node.amqp_url()),
+            ("AMQP_URL", node.amqp_url().as_str()),
             ("DOWNSTREAM_URL", &down.url()),
             ("QUEUE_PREFIX", &p),
             ("INLINE_DELIVERY", "false"),
@@ -140,7 +142,7 @@ async fn broker_restart_during_a_queue_first_flow_loses_nothing() {
         relay.logs()
     );
 
-    let counts = queue_counts(&node.amqp_url(), &p, 250, 2000).await;
+    let counts = queue_counts(&node.amqp_url(), &topology(&p, 250, 2000)).await;
     assert!(
         counts.values().all(|&n| n == 0),
         "queues drained: {counts:?}"
@@ -174,7 +176,7 @@ async fn broker_down_at_receive_time_answers_503_then_accepts_the_retry() {
     let mut relay = Relay::spawn(
         "serve",
         &[
-            ("AMQP_URL", &node.amqp_url()),
+            ("AMQP_URL", node.amqp_url().as_str()),
             ("DOWNSTREAM_URL", &down.url()),
             ("QUEUE_PREFIX", &p),
             ("BACKOFF_BASE_MS", "1000"),
@@ -201,7 +203,7 @@ async fn broker_down_at_receive_time_answers_503_then_accepts_the_retry() {
     assert_eq!(r.status(), 202);
     let json: serde_json::Value = r.json().await.unwrap();
     assert_eq!(json["status"], "queued_for_retry");
-    let counts = queue_counts(&node.amqp_url(), &p, 1000, 4000).await;
+    let counts = queue_counts(&node.amqp_url(), &topology(&p, 1000, 4000)).await;
     assert_eq!(
         counts.values().sum::<u32>(),
         1,
@@ -214,19 +216,10 @@ async fn broker_down_at_receive_time_answers_503_then_accepts_the_retry() {
 async fn kill_9_of_a_worker_mid_flow_loses_nothing() {
     let _serial = serial().await;
     // The broker is not broken here, so the shared one serves, under a unique prefix.
-    let amqp = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| webhook_relay::config::DEFAULT_AMQP_URL.into());
+    let amqp = shared_amqp();
     let down = Downstream::start(Reply::Slow(Duration::from_millis(50))).await;
     let p = prefix("kill9");
-    let base = [
-        ("AMQP_URL", amqp.as_str()),
-        ("DOWNSTREAM_URL", &down.url()),
-        ("QUEUE_PREFIX", &p),
-        ("INLINE_DELIVERY", "false"),
-        ("WORKER_CONCURRENCY", "16"),
-        ("BACKOFF_BASE_MS", "20"),
-        ("BACKOFF_MAX_MS", "200"),
-    ];
+    let base = queue_first_env(&amqp, &down.url(), &p, &[("WORKER_CONCURRENCY", "16")]);
     let http = reqwest::Client::new();
     let mut receiver = Relay::spawn("receiver", &base);
     receiver.wait_ready(&http).await;
@@ -264,30 +257,25 @@ async fn kill_9_of_a_worker_mid_flow_loses_nothing() {
         duplicates <= 16,
         "at most the prefetch window is redelivered, got {duplicates}"
     );
-    let counts = queue_counts(&amqp, &p, 20, 200).await;
+    let counts = queue_counts(&amqp, &topology(&p, 20, 200)).await;
     assert!(counts.values().all(|&n| n == 0), "{counts:?}");
     assert_eq!(worker.terminate(Duration::from_secs(15)).await, Some(0));
     drop(receiver);
-    delete_topology(&amqp, &p, 20, 200).await;
+    delete_topology(&amqp, &topology(&p, 20, 200)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_deliveries_in_flight_exits_0_and_loses_nothing() {
     let _serial = serial().await;
-    let amqp = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| webhook_relay::config::DEFAULT_AMQP_URL.into());
+    let amqp = shared_amqp();
     let down = Downstream::start(Reply::Slow(Duration::from_millis(400))).await;
     let p = prefix("term");
-    let base = [
-        ("AMQP_URL", amqp.as_str()),
-        ("DOWNSTREAM_URL", &down.url()),
-        ("QUEUE_PREFIX", &p),
-        ("INLINE_DELIVERY", "false"),
-        ("WORKER_CONCURRENCY", "8"),
-        ("SHUTDOWN_GRACE_MS", "5000"),
-        ("BACKOFF_BASE_MS", "20"),
-        ("BACKOFF_MAX_MS", "200"),
-    ];
+    let base = queue_first_env(
+        &amqp,
+        &down.url(),
+        &p,
+        &[("WORKER_CONCURRENCY", "8"), ("SHUTDOWN_GRACE_MS", "5000")],
+    );
     let http = reqwest::Client::new();
     let mut relay = Relay::spawn("serve", &base);
     relay.wait_ready(&http).await;
@@ -324,14 +312,13 @@ async fn sigterm_with_deliveries_in_flight_exits_0_and_loses_nothing() {
     );
     assert_eq!(lost, 0);
     assert_eq!(relay.terminate(Duration::from_secs(15)).await, Some(0));
-    delete_topology(&amqp, &p, 20, 200).await;
+    delete_topology(&amqp, &topology(&p, 20, 200)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_downstream_times_out_and_the_rest_keeps_moving() {
     let _serial = serial().await;
-    let amqp = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| webhook_relay::config::DEFAULT_AMQP_URL.into());
+    let amqp = shared_amqp();
     let down = Downstream::start(Reply::Status(200)).await;
     // Events "stuck-*" get a downstream that accepts the connection and never answers.
     down.set_rule(|h| {
@@ -342,17 +329,16 @@ async fn a_stuck_downstream_times_out_and_the_rest_keeps_moving() {
             .then_some(Reply::Hang)
     });
     let p = prefix("stuck");
-    let base = [
-        ("AMQP_URL", amqp.as_str()),
-        ("DOWNSTREAM_URL", &down.url()),
-        ("QUEUE_PREFIX", &p),
-        ("INLINE_DELIVERY", "false"),
-        ("WORKER_CONCURRENCY", "4"),
-        ("DELIVERY_TIMEOUT_MS", "300"),
-        ("MAX_ATTEMPTS", "3"),
-        ("BACKOFF_BASE_MS", "20"),
-        ("BACKOFF_MAX_MS", "200"),
-    ];
+    let base = queue_first_env(
+        &amqp,
+        &down.url(),
+        &p,
+        &[
+            ("WORKER_CONCURRENCY", "4"),
+            ("DELIVERY_TIMEOUT_MS", "300"),
+            ("MAX_ATTEMPTS", "3"),
+        ],
+    );
     let http = reqwest::Client::new();
     let mut relay = Relay::spawn("serve", &base);
     relay.wait_ready(&http).await;
@@ -378,7 +364,7 @@ async fn a_stuck_downstream_times_out_and_the_rest_keeps_moving() {
     let mut counts = Default::default();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        counts = queue_counts(&amqp, &p, 20, 200).await;
+        counts = queue_counts(&amqp, &topology(&p, 20, 200)).await;
         if counts[&dlq] == 6 {
             break;
         }
@@ -397,5 +383,5 @@ async fn a_stuck_downstream_times_out_and_the_rest_keeps_moving() {
         "MAX_ATTEMPTS per stuck event, each timed out"
     );
     assert_eq!(relay.terminate(Duration::from_secs(15)).await, Some(0));
-    delete_topology(&amqp, &p, 20, 200).await;
+    delete_topology(&amqp, &topology(&p, 20, 200)).await;
 }

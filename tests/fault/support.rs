@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use webhook_relay::broker::Topology;
 use webhook_relay::retry::Ladder;
+
+use crate::common::Inspector;
 
 /// Fault tests start brokers and processes: run them one at a time on a 2-core box.
 /// (An async lock: each test has its own runtime and holds it across awaits.)
@@ -142,7 +142,10 @@ pub struct Relay {
 
 impl Relay {
     /// Spawns `webhook-relay <command>` with `env` (LISTEN_ADDR is chosen here).
-    pub fn spawn(command: &str, env: &[(&str, &str)]) -> Self {
+    pub fn spawn<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
+        command: &str,
+        env: &[(K, V)],
+    ) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let port = free_port();
         let log = std::env::temp_dir().join(format!(
@@ -303,64 +306,58 @@ pub async fn send_all(
     }
 }
 
-/// Messages in each of the relay's queues on the broker at `amqp_url`.
-pub async fn queue_counts(
-    amqp_url: &str,
-    prefix: &str,
-    base_ms: u64,
-    max_ms: u64,
-) -> HashMap<String, u32> {
-    let topology = Topology::new(
-        prefix,
-        &Ladder::new(
-            Duration::from_millis(base_ms),
-            Duration::from_millis(max_ms),
-        ),
-    );
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
-        .await
-        .expect("inspector connects");
-    let ch = conn.create_channel().await.unwrap();
-    let mut out = HashMap::new();
-    for q in topology.queues() {
-        let n = ch
-            .queue_declare(
-                q.name.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    durable: true,
-                    exclusive: false,
-                    auto_delete: false,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map(|q| q.message_count())
-            .unwrap_or(u32::MAX);
-        out.insert(q.name, n);
-    }
-    let _ = conn.close(200, "done".into()).await;
-    out
+/// The shared broker (`AMQP_URL`), for fault tests that break processes, not the broker.
+pub fn shared_amqp() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| webhook_relay::config::DEFAULT_AMQP_URL.into())
 }
 
-/// Deletes the relay's topology on the broker at `amqp_url`.
-pub async fn delete_topology(amqp_url: &str, prefix: &str, base_ms: u64, max_ms: u64) {
-    let topology = Topology::new(
+/// The environment of a queue-first relay on `amqp` with millisecond backoff
+/// (20 ms base, 200 ms cap), plus `extra`.
+pub fn queue_first_env(
+    amqp: &str,
+    downstream: &str,
+    prefix: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    // Later entries win when the child's environment is set, so `extra` overrides.
+    [
+        ("AMQP_URL", amqp),
+        ("DOWNSTREAM_URL", downstream),
+        ("QUEUE_PREFIX", prefix),
+        ("INLINE_DELIVERY", "false"),
+        ("BACKOFF_BASE_MS", "20"),
+        ("BACKOFF_MAX_MS", "200"),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect()
+}
+
+/// The relay's topology for `prefix` and a backoff of `base_ms`..`max_ms`.
+pub fn topology(prefix: &str, base_ms: u64, max_ms: u64) -> Topology {
+    Topology::new(
         prefix,
         &Ladder::new(
             Duration::from_millis(base_ms),
             Duration::from_millis(max_ms),
         ),
-    );
-    if let Ok(conn) =
-        lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await
-    {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = topology.delete(&ch).await;
-        }
-        let _ = conn.close(200, "done".into()).await;
-    }
+    )
+}
+
+/// Messages in each of the topology's queues on the broker at `amqp_url`.
+pub async fn queue_counts(amqp_url: &str, topology: &Topology) -> HashMap<String, u32> {
+    let inspect = Inspector::connect_to(amqp_url).await;
+    let counts = inspect.counts(topology).await;
+    inspect.close().await;
+    counts
+}
+
+/// Deletes the topology on the broker at `amqp_url`.
+pub async fn delete_topology(amqp_url: &str, topology: &Topology) {
+    let inspect = Inspector::connect_to(amqp_url).await;
+    let _ = topology.delete(inspect.channel()).await;
+    inspect.close().await;
 }
 
 /// Prints the figures a fault test reports (visible with `--nocapture`, and in CI logs

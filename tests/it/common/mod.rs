@@ -194,7 +194,11 @@ pub struct Inspector {
 
 impl Inspector {
     pub async fn connect() -> Self {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        Self::connect_to(&amqp_url()).await
+    }
+
+    pub async fn connect_to(url: &str) -> Self {
+        let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("inspector connects");
         let channel = conn.create_channel().await.unwrap();
