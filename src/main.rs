@@ -2,6 +2,7 @@
 //! telemetry, and runs the chosen command. All the work lives in the library.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -32,12 +33,30 @@ enum Command {
         #[command(subcommand)]
         action: TopologyAction,
     },
+    /// GET a URL; exit 0 on a 2xx answer, 1 otherwise (the container HEALTHCHECK).
+    Healthcheck {
+        /// The URL to check, e.g. http://127.0.0.1:8000/healthz.
+        url: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+    /// A demo downstream that fails and stalls a share of requests (DEMO_* variables).
+    DemoDownstream,
 }
 
 #[derive(Debug, Subcommand)]
 enum TopologyAction {
     /// Declare the exchange and every queue (idempotent), then exit.
     Declare,
+    /// Print RabbitMQ definitions (user, vhost, exchange, queues, binding) as JSON.
+    Export,
+    /// Print the message and consumer counts of every queue.
+    Status {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +102,8 @@ fn command_name(command: &Command) -> &'static str {
         Command::Receiver => "receiver",
         Command::Worker => "worker",
         Command::Topology { .. } => "topology",
+        Command::Healthcheck { .. } => "healthcheck",
+        Command::DemoDownstream => "demo-downstream",
     }
 }
 
@@ -94,6 +115,19 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Topology {
             action: TopologyAction::Declare,
         } => declare(config).await,
+        Command::Topology {
+            action: TopologyAction::Export,
+        } => export(&config),
+        Command::Topology {
+            action: TopologyAction::Status { json },
+        } => status(&config, json).await,
+        Command::Healthcheck { url, timeout_ms } => {
+            let status =
+                webhook_relay::healthcheck::check(&url, Duration::from_millis(timeout_ms)).await?;
+            println!("{url}: {status}");
+            Ok(())
+        }
+        Command::DemoDownstream => demo_downstream().await,
     }
 }
 
@@ -138,5 +172,48 @@ async fn declare(config: Config) -> anyhow::Result<()> {
     for q in topology.queues() {
         println!("queue    {}", q.name);
     }
+    Ok(())
+}
+
+fn topology_of(config: &Config) -> broker::Topology {
+    let ladder = retry::Ladder::new(config.backoff_base, config.backoff_max);
+    broker::Topology::new(&config.queue_prefix, &ladder)
+}
+
+fn export(config: &Config) -> anyhow::Result<()> {
+    let definitions =
+        broker::definitions::Definitions::new(&topology_of(config), &config.amqp_url)?;
+    print!("{}", definitions.to_pretty_json());
+    Ok(())
+}
+
+async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let depths = broker::status::queue_depths(&config.amqp_url, &topology_of(config)).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&depths)?);
+    } else {
+        print!("{}", broker::status::table(&depths));
+    }
+    let missing: Vec<&str> = depths
+        .iter()
+        .filter(|d| d.messages.is_none())
+        .map(|d| d.name.as_str())
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "not declared yet (start the relay or run `topology declare`): {}",
+        missing.join(", ")
+    );
+    Ok(())
+}
+
+async fn demo_downstream() -> anyhow::Result<()> {
+    let demo = webhook_relay::demo::DemoConfig::from_env()?;
+    let listener = tokio::net::TcpListener::bind(demo.listen_addr)
+        .await
+        .with_context(|| format!("binding DEMO_LISTEN_ADDR {}", demo.listen_addr))?;
+    let cancel = CancellationToken::new();
+    tokio::spawn(stop_on_signal(cancel.clone()));
+    webhook_relay::demo::run(listener, demo.behaviour, cancel).await?;
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! declared topology, confirm-mode publishing channels), replaces it with backoff when
 //! it breaks, and the confirmed publisher everything else calls (SPEC §2, §5).
 
+pub mod definitions;
+pub mod status;
 pub mod topology;
 
 use std::sync::Arc;
