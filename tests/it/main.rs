@@ -4,6 +4,8 @@
 mod common;
 
 mod cli;
+mod compose;
+mod demo;
 mod receive;
 mod topology;
 mod worker;
