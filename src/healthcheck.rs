@@ -12,7 +12,7 @@ pub enum HealthError {
     #[error("not an http:// or https:// URL: {0:?}")]
     BadUrl(String),
     /// No answer: refused, reset, or slower than the timeout.
-    #[error("no answer from {url}: {source}")]
+    #[error("no answer from {url}")]
     Unreachable {
         /// The checked URL.
         url: String,

@@ -49,7 +49,7 @@ pub struct QueueDepth {
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     /// The broker could not be reached or closed the connection; check `AMQP_URL`.
-    #[error("broker unavailable: {0}")]
+    #[error("broker unavailable")]
     Broker(#[from] lapin::Error),
 }
 

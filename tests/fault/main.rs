@@ -5,6 +5,7 @@
 
 #[path = "../it/common/mod.rs"]
 mod common;
+mod definitions;
 mod support;
 
 use std::sync::Arc;

@@ -47,6 +47,16 @@ pub struct Node {
 
 impl Node {
     pub fn start() -> Self {
+        Self::launch(None)
+    }
+
+    /// A blank node that imports `definitions` (RabbitMQ definitions JSON) at boot,
+    /// as the compose broker does with `load_definitions`.
+    pub fn start_with_definitions(definitions: &str) -> Self {
+        Self::launch(Some(definitions))
+    }
+
+    fn launch(definitions: Option<&str>) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         assert!(
             run(Command::new("sh")
@@ -62,11 +72,15 @@ impl Node {
         let port = free_port();
         let dist = free_port();
         // Its own config file: the machine's may pin listeners to the shared node's port.
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.1 = 127.0.0.1:{port}\n"),
-        )
-        .unwrap();
+        let mut conf = format!("listeners.tcp.1 = 127.0.0.1:{port}\n");
+        if let Some(json) = definitions {
+            std::fs::write(dir.join("definitions.json"), json).unwrap();
+            conf.push_str(&format!(
+                "load_definitions = {}\n",
+                dir.join("definitions.json").display()
+            ));
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
         // The Debian wrapper runs the node as user `rabbitmq`; it must own its dirs.
         run(Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
