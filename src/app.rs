@@ -71,7 +71,9 @@ impl App {
 
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The relay core (tests inspect its broker handle).
@@ -105,7 +107,10 @@ impl App {
             .then(|| tokio::spawn(crate::worker::run(relay.clone(), cancel.clone())));
 
         cancel.cancelled().await;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "stopping: no new intake, finishing in-flight work");
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "stopping: no new intake, finishing in-flight work"
+        );
         // Requests in flight finish (they settle their event or answer 503) within the grace.
         match tokio::time::timeout(grace, server).await {
             Ok(Ok(Ok(()))) => {}

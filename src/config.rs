@@ -156,9 +156,8 @@ impl Config {
 
     fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
         let amqp_url = nonblank(raw.amqp_url).unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
-        lapin::uri::AMQPUri::from_str(&amqp_url).map_err(|e| {
-            ConfigError::new("AMQP_URL", format!("not a valid AMQP URL ({e})"))
-        })?;
+        lapin::uri::AMQPUri::from_str(&amqp_url)
+            .map_err(|e| ConfigError::new("AMQP_URL", format!("not a valid AMQP URL ({e})")))?;
 
         let downstream_url = nonblank(raw.downstream_url)
             .map(|s| parse_http_url("DOWNSTREAM_URL", &s))
@@ -203,12 +202,18 @@ impl Config {
         let worker_concurrency: u16 = positive("WORKER_CONCURRENCY", raw.worker_concurrency, 32)?;
         let max_body_bytes: usize = positive("MAX_BODY_BYTES", raw.max_body_bytes, 1_048_576)?;
         let shutdown_grace_ms: u64 = number("SHUTDOWN_GRACE_MS", raw.shutdown_grace_ms, 10_000)?;
-        let publish_timeout_ms: u64 = positive("PUBLISH_TIMEOUT_MS", raw.publish_timeout_ms, 5_000)?;
+        let publish_timeout_ms: u64 =
+            positive("PUBLISH_TIMEOUT_MS", raw.publish_timeout_ms, 5_000)?;
 
         let inbound_token_header = nonblank(raw.inbound_token_header)
             .map(|h| {
                 http::HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes()).map_err(
-                    |_| ConfigError::new("INBOUND_TOKEN_HEADER", format!("not a valid header name: {h:?}")),
+                    |_| {
+                        ConfigError::new(
+                            "INBOUND_TOKEN_HEADER",
+                            format!("not a valid header name: {h:?}"),
+                        )
+                    },
                 )
             })
             .transpose()?
@@ -281,12 +286,17 @@ fn nonblank(v: Option<String>) -> Option<String> {
     v.filter(|s| !s.trim().is_empty())
 }
 
-fn number<T: FromStr>(var: &'static str, raw: Option<String>, default: T) -> Result<T, ConfigError> {
+fn number<T: FromStr>(
+    var: &'static str,
+    raw: Option<String>,
+    default: T,
+) -> Result<T, ConfigError> {
     match nonblank(raw) {
         None => Ok(default),
-        Some(s) => s.trim().parse().map_err(|_| {
-            ConfigError::new(var, format!("expected a whole number, got {s:?}"))
-        }),
+        Some(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::new(var, format!("expected a whole number, got {s:?}"))),
     }
 }
 
@@ -302,7 +312,10 @@ where
 }
 
 fn boolean(var: &'static str, raw: Option<String>, default: bool) -> Result<bool, ConfigError> {
-    match nonblank(raw).map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+    match nonblank(raw)
+        .map(|s| s.trim().to_ascii_lowercase())
+        .as_deref()
+    {
         None => Ok(default),
         Some("true" | "1" | "yes" | "on") => Ok(true),
         Some("false" | "0" | "no" | "off") => Ok(false),
@@ -328,7 +341,10 @@ fn parse_http_url(var: &'static str, s: &str) -> Result<reqwest::Url, ConfigErro
 fn validate_prefix(prefix: &str) -> Result<(), ConfigError> {
     // Leaves room for the longest suffix (".retry.NN-<delay>") within AMQP's 255-byte names.
     if prefix.len() > 200 {
-        return Err(ConfigError::new("QUEUE_PREFIX", "must be at most 200 characters"));
+        return Err(ConfigError::new(
+            "QUEUE_PREFIX",
+            "must be at most 200 characters",
+        ));
     }
     if !prefix
         .chars()
@@ -380,11 +396,17 @@ mod tests {
             (vec![("LISTEN_ADDR", "8000")], "LISTEN_ADDR"),
             (vec![("INLINE_DELIVERY", "maybe")], "INLINE_DELIVERY"),
             (vec![("BACKOFF_BASE_MS", "0")], "BACKOFF_BASE_MS"),
-            (vec![("BACKOFF_BASE_MS", "10"), ("BACKOFF_MAX_MS", "5")], "BACKOFF_MAX_MS"),
+            (
+                vec![("BACKOFF_BASE_MS", "10"), ("BACKOFF_MAX_MS", "5")],
+                "BACKOFF_MAX_MS",
+            ),
             (vec![("QUEUE_PREFIX", "has space")], "QUEUE_PREFIX"),
             (vec![("WORKER_CONCURRENCY", "70000")], "WORKER_CONCURRENCY"),
             (vec![("LOG_FORMAT", "xml")], "LOG_FORMAT"),
-            (vec![("INBOUND_BASIC_AUTH", "nocolon")], "INBOUND_BASIC_AUTH"),
+            (
+                vec![("INBOUND_BASIC_AUTH", "nocolon")],
+                "INBOUND_BASIC_AUTH",
+            ),
         ] {
             let err = cfg(&vars).unwrap_err();
             assert_eq!(err.var, var, "{vars:?} gave {err}");
@@ -401,7 +423,11 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = cfg(&[("ADMIN_TOKEN", "hunter2"), ("INBOUND_HMAC_SECRET", "s3cret")]).unwrap();
+        let c = cfg(&[
+            ("ADMIN_TOKEN", "hunter2"),
+            ("INBOUND_HMAC_SECRET", "s3cret"),
+        ])
+        .unwrap();
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2") && !shown.contains("s3cret"));
     }

@@ -186,7 +186,11 @@ mod tests {
         if let Some(ra) = retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from_str(ra).unwrap());
         }
-        classify(StatusCode::from_u16(code).unwrap(), &h, SystemTime::UNIX_EPOCH)
+        classify(
+            StatusCode::from_u16(code).unwrap(),
+            &h,
+            SystemTime::UNIX_EPOCH,
+        )
     }
 
     #[test]

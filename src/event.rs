@@ -164,13 +164,25 @@ mod tests {
             event_id(&headers(&[("idempotency-key", "k-1")]), Some(&body)).as_deref(),
             Some("k-1")
         );
-        assert_eq!(event_id(&HeaderMap::new(), Some(&body)).as_deref(), Some("eb-1"));
+        assert_eq!(
+            event_id(&HeaderMap::new(), Some(&body)).as_deref(),
+            Some("eb-1")
+        );
         let body = json!({"eventId": "ev-1", "metadata": {"CorrelationId": "c-1"}});
-        assert_eq!(event_id(&HeaderMap::new(), Some(&body)).as_deref(), Some("ev-1"));
+        assert_eq!(
+            event_id(&HeaderMap::new(), Some(&body)).as_deref(),
+            Some("ev-1")
+        );
         let body = json!({"metadata": {"CorrelationId": "c-1"}});
-        assert_eq!(event_id(&HeaderMap::new(), Some(&body)).as_deref(), Some("c-1"));
+        assert_eq!(
+            event_id(&HeaderMap::new(), Some(&body)).as_deref(),
+            Some("c-1")
+        );
         let body = json!({"detail": {"metadata": {"CorrelationId": "c-2"}}});
-        assert_eq!(event_id(&HeaderMap::new(), Some(&body)).as_deref(), Some("c-2"));
+        assert_eq!(
+            event_id(&HeaderMap::new(), Some(&body)).as_deref(),
+            Some("c-2")
+        );
         assert_eq!(event_id(&HeaderMap::new(), Some(&json!({"x": 1}))), None);
         assert_eq!(event_id(&HeaderMap::new(), Some(&json!([1, 2]))), None);
     }
@@ -178,10 +190,19 @@ mod tests {
     #[test]
     fn unusable_ids_are_skipped() {
         let body = json!({"id": "has space", "eventId": "ok-2"});
-        assert_eq!(event_id(&HeaderMap::new(), Some(&body)).as_deref(), Some("ok-2"));
+        assert_eq!(
+            event_id(&HeaderMap::new(), Some(&body)).as_deref(),
+            Some("ok-2")
+        );
         let long = "x".repeat(300);
-        assert_eq!(event_id(&HeaderMap::new(), Some(&json!({ "id": long }))), None);
-        assert_eq!(event_id(&HeaderMap::new(), Some(&json!({"id": 42}))).as_deref(), Some("42"));
+        assert_eq!(
+            event_id(&HeaderMap::new(), Some(&json!({ "id": long }))),
+            None
+        );
+        assert_eq!(
+            event_id(&HeaderMap::new(), Some(&json!({"id": 42}))).as_deref(),
+            Some("42")
+        );
     }
 
     #[test]
@@ -196,7 +217,10 @@ mod tests {
         let h = headers(&[("x-genesys-cloud-webhook-name", "from-header")]);
         assert_eq!(webhook_name(Some("path"), &h, Some(&body)), "path");
         assert_eq!(webhook_name(None, &h, Some(&body)), "from-header");
-        assert_eq!(webhook_name(None, &HeaderMap::new(), Some(&body)), "v2.routing.queues.x");
+        assert_eq!(
+            webhook_name(None, &HeaderMap::new(), Some(&body)),
+            "v2.routing.queues.x"
+        );
         assert_eq!(
             webhook_name(None, &HeaderMap::new(), Some(&json!({"topicName": "t"}))),
             "t"
@@ -227,7 +251,12 @@ mod tests {
         let names: Vec<&str> = fwd.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            vec!["content-type", "x-genesys-cloud-webhook-name", "x-trace", "x-trace"]
+            vec![
+                "content-type",
+                "x-genesys-cloud-webhook-name",
+                "x-trace",
+                "x-trace"
+            ]
         );
     }
 

@@ -124,9 +124,10 @@ async fn stop_on_signal(cancel: CancellationToken) {
 async fn declare(config: Config) -> anyhow::Result<()> {
     let ladder = retry::Ladder::new(config.backoff_base, config.backoff_max);
     let topology = broker::Topology::new(&config.queue_prefix, &ladder);
-    let connection = lapin::Connection::connect(&config.amqp_url, lapin::ConnectionProperties::default())
-        .await
-        .context("connecting to AMQP_URL")?;
+    let connection =
+        lapin::Connection::connect(&config.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .context("connecting to AMQP_URL")?;
     let channel = connection.create_channel().await?;
     topology
         .declare(&channel)

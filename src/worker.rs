@@ -126,7 +126,10 @@ async fn handle(relay: &Relay, delivery: lapin::message::Delivery) {
     let event = Envelope::from_amqp(&delivery.properties, delivery.data);
     let settled = relay.attempt_and_settle(event, None).await;
     let result = if settled.is_ok() {
-        delivery.acker.ack(BasicAckOptions { multiple: false }).await
+        delivery
+            .acker
+            .ack(BasicAckOptions { multiple: false })
+            .await
     } else {
         // Not settled (publish failed): hand it back for another worker or a later try.
         delivery

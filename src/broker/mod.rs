@@ -219,7 +219,7 @@ impl Broker {
                     event.properties(),
                 )
                 .await?;
-            Ok::<_, lapin::Error>(confirm.await?)
+            confirm.await
         };
         let result = match tokio::time::timeout(self.inner.publish_timeout, publish).await {
             Err(_) => Err(PublishError::Timeout(self.inner.publish_timeout)),
@@ -303,9 +303,16 @@ async fn supervise(inner: Arc<Inner>) {
             Err(e) => {
                 failures += 1;
                 if failures == 1 {
-                    tracing::warn!(error = format!("{e:#}"), "broker unavailable; retrying with backoff");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "broker unavailable; retrying with backoff"
+                    );
                 } else {
-                    tracing::debug!(error = format!("{e:#}"), failures, "broker still unavailable");
+                    tracing::debug!(
+                        error = format!("{e:#}"),
+                        failures,
+                        "broker still unavailable"
+                    );
                 }
             }
         }
@@ -329,7 +336,8 @@ async fn open_session(inner: &Inner) -> Result<Session, anyhow::Error> {
         let mut channels = Vec::with_capacity(PUBLISH_CHANNELS);
         for _ in 0..PUBLISH_CHANNELS {
             let ch = connection.create_channel().await?;
-            ch.confirm_select(ConfirmSelectOptions { nowait: false }).await?;
+            ch.confirm_select(ConfirmSelectOptions { nowait: false })
+                .await?;
             channels.push(ch);
         }
         Ok::<_, lapin::Error>(channels)

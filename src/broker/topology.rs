@@ -100,7 +100,10 @@ impl Topology {
         let quorum = ("x-queue-type", ArgValue::Str("quorum".into()));
         // At-least-once dead-lettering keeps a message in its source queue until the
         // target confirmed it; it requires reject-publish overflow.
-        let at_least_once = ("x-dead-letter-strategy", ArgValue::Str("at-least-once".into()));
+        let at_least_once = (
+            "x-dead-letter-strategy",
+            ArgValue::Str("at-least-once".into()),
+        );
         let reject_publish = ("x-overflow", ArgValue::Str("reject-publish".into()));
 
         let mut out = vec![QueueSpec {
@@ -123,7 +126,10 @@ impl Topology {
                     ArgValue::Int(level.delay.as_millis() as i64),
                 ),
                 ("x-dead-letter-exchange", ArgValue::Str(self.work.clone())),
-                ("x-dead-letter-routing-key", ArgValue::Str(self.work.clone())),
+                (
+                    "x-dead-letter-routing-key",
+                    ArgValue::Str(self.work.clone()),
+                ),
                 at_least_once.clone(),
                 reject_publish.clone(),
             ],
@@ -212,11 +218,11 @@ impl Topology {
 /// with the ladder index in front.
 pub fn human_delay(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 3_600_000 == 0 {
+    if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 && ms >= 600_000 {
+    } else if ms.is_multiple_of(60_000) && ms >= 600_000 {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

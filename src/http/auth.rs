@@ -102,7 +102,10 @@ mod tests {
         assert!(check_headers(&a, &h(&[("authorization", "Bearer t0k")])));
         assert!(!check_headers(&a, &h(&[("authorization", "Bearer nope")])));
         assert!(!check_headers(&a, &HeaderMap::new()));
-        let a = auth(&[("INBOUND_TOKEN", "t0k"), ("INBOUND_TOKEN_HEADER", "X-Api-Key")]);
+        let a = auth(&[
+            ("INBOUND_TOKEN", "t0k"),
+            ("INBOUND_TOKEN_HEADER", "X-Api-Key"),
+        ]);
         assert!(check_headers(&a, &h(&[("x-api-key", "t0k")])));
         assert!(!check_headers(&a, &h(&[("authorization", "Bearer t0k")])));
     }
@@ -121,8 +124,16 @@ mod tests {
         let a = auth(&[("INBOUND_HMAC_SECRET", "key")]);
         // echo -n '{"a":1}' | openssl dgst -sha256 -hmac key -binary | base64
         let sig = "sha256=iKZ/JLvNrtDmyZdAS7eadDuvRMa6svTCcyjjAJ0i40I=";
-        assert!(check_body(&a, &h(&[("x-hub-signature-256", sig)]), br#"{"a":1}"#));
-        assert!(!check_body(&a, &h(&[("x-hub-signature-256", sig)]), br#"{"a":2}"#));
+        assert!(check_body(
+            &a,
+            &h(&[("x-hub-signature-256", sig)]),
+            br#"{"a":1}"#
+        ));
+        assert!(!check_body(
+            &a,
+            &h(&[("x-hub-signature-256", sig)]),
+            br#"{"a":2}"#
+        ));
         assert!(!check_body(&a, &HeaderMap::new(), br#"{"a":1}"#));
     }
 }

@@ -109,7 +109,15 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
             id.clone(),
         )
     };
-    let answer = |status, word| Ok((status, Json(Answer { status: word, id: id.clone() })));
+    let answer = |status, word| {
+        Ok((
+            status,
+            Json(Answer {
+                status: word,
+                id: id.clone(),
+            }),
+        ))
+    };
 
     if !cfg.inline_delivery {
         relay

@@ -44,7 +44,11 @@ async fn inline_delivery_answers_200_and_forwards_byte_for_byte() {
     assert_eq!(r.header("x-relay-attempt"), Some("1"));
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("x-custom"), Some("kept"));
-    assert_eq!(r.header("authorization"), None, "inbound credentials never forwarded");
+    assert_eq!(
+        r.header("authorization"),
+        None,
+        "inbound credentials never forwarded"
+    );
     assert_eq!(r.header("x-hub-signature-256"), None);
 
     let inspect = Inspector::connect().await;
@@ -57,14 +61,20 @@ async fn inline_retryable_failure_is_queued_then_delivered_by_a_worker() {
     let down = Downstream::start(Reply::Status(200)).await;
     down.script([Reply::Status(503), Reply::Status(500)]);
     let app = TestApp::spawn(Role::Serve, &[("DOWNSTREAM_URL", &down.url())]).await;
-    let (status, json) = answer(app.post("/webhook/receive", r#"{"id":"ev-retry"}"#, &[]).await).await;
+    let (status, json) = answer(
+        app.post("/webhook/receive", r#"{"id":"ev-retry"}"#, &[])
+            .await,
+    )
+    .await;
     assert_eq!(status, 202);
     assert_eq!(json["status"], "queued_for_retry");
     assert_eq!(json["id"], "ev-retry");
 
-    eventually(Duration::from_secs(10), "third attempt delivered", || async {
-        down.for_id("ev-retry").len() == 3
-    })
+    eventually(
+        Duration::from_secs(10),
+        "third attempt delivered",
+        || async { down.for_id("ev-retry").len() == 3 },
+    )
     .await;
     let attempts: Vec<_> = down
         .for_id("ev-retry")
@@ -104,14 +114,21 @@ async fn exhausted_attempts_land_in_the_dlq_with_their_history() {
         inspect.count(&dlq).await == 1
     })
     .await;
-    assert_eq!(down.for_id("ev-dead").len(), 3, "exactly MAX_ATTEMPTS attempts");
+    assert_eq!(
+        down.for_id("ev-dead").len(),
+        3,
+        "exactly MAX_ATTEMPTS attempts"
+    );
     let msgs = inspect.drain(&dlq).await;
     let m = &msgs[0];
     let headers = m.delivery.properties.headers().clone().unwrap();
     assert!(
-        !headers.inner().keys().any(|k| k.as_str().starts_with("x-death")
-            || k.as_str().starts_with("x-first-death")
-            || k.as_str().starts_with("x-last-death")),
+        !headers
+            .inner()
+            .keys()
+            .any(|k| k.as_str().starts_with("x-death")
+                || k.as_str().starts_with("x-first-death")
+                || k.as_str().starts_with("x-last-death")),
         "broker dead-letter headers are not carried: {headers:?}"
     );
     let e = Envelope::from_amqp(&m.delivery.properties, m.delivery.data.clone());
@@ -121,8 +138,15 @@ async fn exhausted_attempts_land_in_the_dlq_with_their_history() {
     assert_eq!(e.webhook, "v2.conversations");
     assert_eq!(e.dead_letter_reason.as_deref(), Some("attempts_exhausted"));
     assert!(e.last_error.unwrap().contains("500"));
-    assert_eq!(m.delivery.properties.delivery_mode(), &Some(2), "persistent");
-    assert_eq!(e.body.as_ref(), br#"{"id":"ev-dead","detail-type":"v2.conversations"}"#);
+    assert_eq!(
+        m.delivery.properties.delivery_mode(),
+        &Some(2),
+        "persistent"
+    );
+    assert_eq!(
+        e.body.as_ref(),
+        br#"{"id":"ev-dead","detail-type":"v2.conversations"}"#
+    );
     assert_eq!(inspect.total(app.topology()).await, 0);
     inspect.close().await;
 }
@@ -131,9 +155,15 @@ async fn exhausted_attempts_land_in_the_dlq_with_their_history() {
 async fn permanent_refusal_is_dead_lettered_at_once() {
     let down = Downstream::start(Reply::Status(404)).await;
     let app = TestApp::spawn(Role::Serve, &[("DOWNSTREAM_URL", &down.url())]).await;
-    let (status, json) =
-        answer(app.post("/webhook/receive", r#"{"eventId":"ev-404"}"#, &[]).await).await;
-    assert_eq!((status, json["status"].as_str()), (202, Some("dead_lettered")));
+    let (status, json) = answer(
+        app.post("/webhook/receive", r#"{"eventId":"ev-404"}"#, &[])
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (202, Some("dead_lettered"))
+    );
     let inspect = Inspector::connect().await;
     // The DLQ publish was confirmed before the 202, so it is there now.
     let msgs = inspect.drain(&app.topology().dlq).await;
@@ -151,8 +181,15 @@ async fn permanent_refusal_is_dead_lettered_at_once() {
 async fn redirects_are_refusals_not_followed() {
     let down = Downstream::start(Reply::Status(302)).await;
     let app = TestApp::spawn(Role::Serve, &[("DOWNSTREAM_URL", &down.url())]).await;
-    let (status, json) = answer(app.post("/webhook/receive", r#"{"id":"ev-302"}"#, &[]).await).await;
-    assert_eq!((status, json["status"].as_str()), (202, Some("dead_lettered")));
+    let (status, json) = answer(
+        app.post("/webhook/receive", r#"{"id":"ev-302"}"#, &[])
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (202, Some("dead_lettered"))
+    );
     assert_eq!(down.count(), 1);
 }
 
@@ -161,12 +198,19 @@ async fn queue_first_mode_answers_queued_and_a_worker_delivers() {
     let down = Downstream::start(Reply::Status(200)).await;
     let app = TestApp::spawn(
         Role::Serve,
-        &[("DOWNSTREAM_URL", &down.url()), ("INLINE_DELIVERY", "false")],
+        &[
+            ("DOWNSTREAM_URL", &down.url()),
+            ("INLINE_DELIVERY", "false"),
+        ],
     )
     .await;
     let (status, json) = answer(
-        app.post("/webhooks/x", r#"{"id":"ev-q"}"#, &[("idempotency-key", "key-q")])
-            .await,
+        app.post(
+            "/webhooks/x",
+            r#"{"id":"ev-q"}"#,
+            &[("idempotency-key", "key-q")],
+        )
+        .await,
     )
     .await;
     assert_eq!((status, json["status"].as_str()), (202, Some("queued")));
@@ -197,7 +241,10 @@ async fn bad_bodies_are_refused_and_nothing_is_stored() {
         let (status, json) = answer(resp).await;
         assert_eq!(status, want, "body {:?}", &body[..body.len().min(20)]);
         assert_eq!(json["status"], "error");
-        assert!(json["id"].as_str().is_some_and(|s| !s.is_empty()), "error answers carry an id");
+        assert!(
+            json["id"].as_str().is_some_and(|s| !s.is_empty()),
+            "error answers carry an id"
+        );
     }
     // Deeply nested JSON stops at serde_json's recursion limit.
     let deep = format!("{}{}", "[".repeat(400), "]".repeat(400));
@@ -212,9 +259,8 @@ async fn bad_bodies_are_refused_and_nothing_is_stored() {
         .unwrap();
     assert_eq!(resp.status(), 400);
     // A chunked body (no Content-Length) over the limit is cut off too.
-    let chunks = futures_util::stream::iter(
-        (0..20).map(|_| Ok::<_, std::io::Error>(vec![b' '; 100])),
-    );
+    let chunks =
+        futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(vec![b' '; 100])));
     let resp = app
         .http
         .post(app.url("/webhook/receive"))

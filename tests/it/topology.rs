@@ -16,7 +16,12 @@ async fn every_queue_exists_and_declaring_again_is_idempotent() {
     let down = Downstream::start(Reply::Status(200)).await;
     let app = TestApp::spawn(Role::Serve, &[("DOWNSTREAM_URL", &down.url())]).await;
     let inspect = Inspector::connect().await;
-    let names: Vec<String> = app.topology().queues().into_iter().map(|q| q.name).collect();
+    let names: Vec<String> = app
+        .topology()
+        .queues()
+        .into_iter()
+        .map(|q| q.name)
+        .collect();
     assert_eq!(names.len(), 6, "work + 4 retry levels + dlq: {names:?}");
     assert!(names.contains(&format!("{}.retry.01-40ms", app.prefix)));
     assert!(names.contains(&format!("{}.retry.04-200ms", app.prefix)));
@@ -25,7 +30,10 @@ async fn every_queue_exists_and_declaring_again_is_idempotent() {
         inspect.count(n).await;
     }
     // A second declaration with the same arguments is accepted.
-    app.topology().declare(inspect.channel()).await.expect("idempotent");
+    app.topology()
+        .declare(inspect.channel())
+        .await
+        .expect("idempotent");
     inspect.close().await;
 }
 
@@ -35,7 +43,11 @@ async fn a_second_process_with_the_same_prefix_shares_the_topology() {
     let down = Downstream::start(Reply::Status(200)).await;
     let a = TestApp::spawn(
         Role::Receiver,
-        &[("DOWNSTREAM_URL", &down.url()), ("QUEUE_PREFIX", &prefix), ("INLINE_DELIVERY", "false")],
+        &[
+            ("DOWNSTREAM_URL", &down.url()),
+            ("QUEUE_PREFIX", &prefix),
+            ("INLINE_DELIVERY", "false"),
+        ],
     )
     .await;
     let b = TestApp::spawn(
@@ -46,9 +58,11 @@ async fn a_second_process_with_the_same_prefix_shares_the_topology() {
     .shares_topology();
     let resp = a.post("/webhook/receive", r#"{"id":"split-1"}"#, &[]).await;
     assert_eq!(resp.status(), 202);
-    crate::common::eventually(Duration::from_secs(10), "worker process delivered", || async {
-        down.for_id("split-1").len() == 1
-    })
+    crate::common::eventually(
+        Duration::from_secs(10),
+        "worker process delivered",
+        || async { down.for_id("split-1").len() == 1 },
+    )
     .await;
     drop(b);
 }
@@ -79,7 +93,10 @@ async fn an_unroutable_publish_is_a_failure_not_a_success() {
         .publish(Target::Dlq, &event)
         .await
         .expect_err("unroutable must not count as stored");
-    assert!(matches!(err, PublishError::Unroutable { code: 312, .. }), "{err:?}");
+    assert!(
+        matches!(err, PublishError::Unroutable { code: 312, .. }),
+        "{err:?}"
+    );
     // The relay re-declares its topology after such a failure and publishing works again.
     crate::common::eventually(Duration::from_secs(10), "topology restored", || async {
         app.relay.broker.publish(Target::Dlq, &event).await.is_ok()

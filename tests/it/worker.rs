@@ -21,12 +21,20 @@ async fn worker_concurrency_bounds_deliveries_in_flight() {
     )
     .await;
     for i in 0..12 {
-        let resp = app.post("/webhook/receive", &format!(r#"{{"id":"c-{i}"}}"#), &[]).await;
+        let resp = app
+            .post("/webhook/receive", &format!(r#"{{"id":"c-{i}"}}"#), &[])
+            .await;
         assert_eq!(resp.status(), 202);
     }
-    eventually(Duration::from_secs(15), "all 12 delivered", || async { down.count() == 12 }).await;
+    eventually(Duration::from_secs(15), "all 12 delivered", || async {
+        down.count() == 12
+    })
+    .await;
     let max = down.max_in_flight();
-    assert!(max <= 4, "never more than WORKER_CONCURRENCY in flight, saw {max}");
+    assert!(
+        max <= 4,
+        "never more than WORKER_CONCURRENCY in flight, saw {max}"
+    );
     assert!(max >= 2, "deliveries ran in parallel, saw {max}");
 }
 
@@ -35,13 +43,20 @@ async fn graceful_stop_finishes_in_flight_deliveries() {
     let down = Downstream::start(Reply::Slow(Duration::from_millis(800))).await;
     let mut app = TestApp::spawn(
         Role::Serve,
-        &[("DOWNSTREAM_URL", &down.url()), ("INLINE_DELIVERY", "false")],
+        &[
+            ("DOWNSTREAM_URL", &down.url()),
+            ("INLINE_DELIVERY", "false"),
+        ],
     )
     .await;
     for i in 0..5 {
-        app.post("/webhook/receive", &format!(r#"{{"id":"g-{i}"}}"#), &[]).await;
+        app.post("/webhook/receive", &format!(r#"{{"id":"g-{i}"}}"#), &[])
+            .await;
     }
-    eventually(Duration::from_secs(5), "deliveries in flight", || async { down.count() == 5 }).await;
+    eventually(Duration::from_secs(5), "deliveries in flight", || async {
+        down.count() == 5
+    })
+    .await;
     app.stop().await; // returns only after in-flight work settled (grace 3 s)
     let inspect = Inspector::connect().await;
     let total = inspect.total(app.topology()).await;
@@ -55,8 +70,13 @@ async fn broker_unreachable_means_503_with_retry_after_and_not_ready() {
     let prefix = unique_prefix("nobroker");
     // Port 1 on loopback: nothing listens, connections are refused at once.
     let unreachable = "amqp://guest:guest@127.0.0.1:1/%2f";
-    let cfg = config(&prefix, &[("DOWNSTREAM_URL", &down.url()), ("AMQP_URL", unreachable)]);
-    let app = TestApp::spawn_config(Role::Serve, cfg, false).await.shares_topology();
+    let cfg = config(
+        &prefix,
+        &[("DOWNSTREAM_URL", &down.url()), ("AMQP_URL", unreachable)],
+    );
+    let app = TestApp::spawn_config(Role::Serve, cfg, false)
+        .await
+        .shares_topology();
 
     let resp = app.http.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
@@ -76,9 +96,15 @@ async fn broker_unreachable_means_503_with_retry_after_and_not_ready() {
     // Queue-first mode cannot answer without the broker.
     let cfg = config(
         &prefix,
-        &[("DOWNSTREAM_URL", &down.url()), ("AMQP_URL", unreachable), ("INLINE_DELIVERY", "false")],
+        &[
+            ("DOWNSTREAM_URL", &down.url()),
+            ("AMQP_URL", unreachable),
+            ("INLINE_DELIVERY", "false"),
+        ],
     );
-    let app2 = TestApp::spawn_config(Role::Receiver, cfg, false).await.shares_topology();
+    let app2 = TestApp::spawn_config(Role::Receiver, cfg, false)
+        .await
+        .shares_topology();
     let resp = app2.post("/webhook/receive", r#"{"id":"nb-3"}"#, &[]).await;
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));

@@ -129,7 +129,12 @@ impl TestApp {
     }
 
     /// POSTs a JSON body to `path` with extra headers.
-    pub async fn post(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
         let mut req = self
             .http
             .post(self.url(path))
@@ -168,7 +173,8 @@ pub fn delete_topology_blocking(topology: Topology) {
             .build()
             .unwrap();
         rt.block_on(async {
-            if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+            if let Ok(conn) =
+                Connection::connect(&amqp_url(), ConnectionProperties::default()).await
             {
                 if let Ok(ch) = conn.create_channel().await {
                     let _ = topology.delete(&ch).await;
@@ -237,7 +243,10 @@ impl Inspector {
         let mut out = Vec::new();
         while let Some(m) = self
             .channel
-            .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
             .await
             .unwrap()
         {
