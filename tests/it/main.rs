@@ -3,7 +3,13 @@
 
 mod common;
 
+mod auth;
 mod cli;
+mod genesys;
+mod hostile;
+mod payloads;
 mod receive;
+mod request_path;
+mod signing;
 mod topology;
 mod worker;
