@@ -219,7 +219,7 @@ async fn hostile_traffic_leaves_the_process_up_with_bounded_memory() {
     use std::process::Stdio;
 
     use crate::auth::hub_signature;
-    use crate::common::{amqp_url, delete_topology_blocking, eventually, unique_prefix};
+    use crate::common::{amqp_url, eventually, unique_prefix};
 
     const TOKEN: &str = "mem-token-51c9e2";
     const HMAC_KEY: &str = "mem-hmac-key-77d0";
@@ -234,6 +234,14 @@ async fn hostile_traffic_leaves_the_process_up_with_bounded_memory() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let log_path = std::env::temp_dir().join(format!("{prefix}.log"));
     let log = std::fs::File::create(&log_path).unwrap();
+    let ladder =
+        webhook_relay::retry::Ladder::new(Duration::from_millis(20), Duration::from_millis(200));
+    let topology = webhook_relay::broker::Topology::new(&prefix, &ladder);
+    // The queues and the log go away however the test ends.
+    let _cleanup = Cleanup {
+        topology: topology.clone(),
+        log: log_path.clone(),
+    };
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_webhook-relay"))
         .arg("receiver")
         .env_clear()
@@ -446,15 +454,11 @@ async fn hostile_traffic_leaves_the_process_up_with_bounded_memory() {
     assert!(status.success(), "exit status {status:?}");
 
     let logs = std::fs::read_to_string(&log_path).unwrap();
-    let _ = std::fs::remove_file(&log_path);
     assert!(logs.contains("webhook-relay started"), "logs were captured");
     for secret in [TOKEN, HMAC_KEY, "guessed"] {
         assert!(!logs.contains(secret), "{secret} appears in the logs");
     }
 
-    let ladder =
-        webhook_relay::retry::Ladder::new(Duration::from_millis(20), Duration::from_millis(200));
-    let topology = webhook_relay::broker::Topology::new(&prefix, &ladder);
     let inspect = Inspector::connect().await;
     assert_eq!(
         inspect.count(&topology.work).await,
@@ -462,5 +466,19 @@ async fn hostile_traffic_leaves_the_process_up_with_bounded_memory() {
         "exactly the valid events stored"
     );
     inspect.close().await;
-    delete_topology_blocking(topology);
+}
+
+/// Deletes a subprocess relay's queues and its log file on drop.
+#[cfg(target_os = "linux")]
+struct Cleanup {
+    topology: webhook_relay::broker::Topology,
+    log: std::path::PathBuf,
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        crate::common::delete_topology_blocking(self.topology.clone());
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
