@@ -55,7 +55,12 @@ impl App {
         let delivers = role.works() || config.inline_delivery;
         let downstream = if delivers {
             let url = config.require_downstream(role.name())?.clone();
-            Some(Downstream::new(url).context("building the HTTP client")?)
+            Some(
+                Downstream::new(url)
+                    .context("building the HTTP client")?
+                    .with_headers(config.downstream_headers.clone())
+                    .with_signing(config.downstream_signing.clone()),
+            )
         } else {
             None
         };
@@ -96,12 +101,12 @@ impl App {
         } else {
             crate::http::worker_router(relay.clone())
         };
-        let http_cancel = cancel.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(http_cancel.cancelled_owned())
-                .await
-        });
+        let server = tokio::spawn(crate::http::server::serve(
+            listener,
+            router,
+            relay.config.request_timeout,
+            cancel.clone(),
+        ));
         let worker = role
             .works()
             .then(|| tokio::spawn(crate::worker::run(relay.clone(), cancel.clone())));
@@ -113,8 +118,7 @@ impl App {
         );
         // Requests in flight finish (they settle their event or answer 503) within the grace.
         match tokio::time::timeout(grace, server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
             Err(_) => tracing::warn!("HTTP requests still open after the grace; closing them"),
         }

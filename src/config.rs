@@ -28,7 +28,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+    pub(crate) fn new(var: &'static str, problem: impl Into<String>) -> Self {
         Self {
             var,
             problem: problem.into(),
@@ -41,6 +41,11 @@ impl ConfigError {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret value read from the environment.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
     /// The secret's bytes, for constant-time comparison or signing.
     pub fn expose(&self) -> &str {
         &self.0
@@ -102,6 +107,9 @@ pub struct Config {
     pub worker_concurrency: u16,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Time a sender has for its request headers, and then for its body; a slower
+    /// sender (slowloris) is cut off so it cannot hold a connection and memory.
+    pub request_timeout: Duration,
     /// How long a stopping process lets in-flight work finish.
     pub shutdown_grace: Duration,
     /// How long a publish may wait for the broker's confirm before it counts as failed.
@@ -110,6 +118,12 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// Inbound authentication checks.
     pub inbound: InboundAuth,
+    /// Headers added to every delivery (`DOWNSTREAM_HEADERS`), values hidden from Debug.
+    pub downstream_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Key signing every delivery the Standard Webhooks way (`DOWNSTREAM_SIGNING_SECRET`).
+    pub downstream_signing: Option<crate::delivery::SigningKey>,
+    /// OAuth client for calls back to Genesys Cloud (SPEC §9).
+    pub genesys: crate::genesys::GenesysSettings,
     /// Log output format.
     pub log_format: LogFormat,
 }
@@ -129,6 +143,13 @@ struct RawEnv {
     queue_prefix: Option<String>,
     worker_concurrency: Option<String>,
     max_body_bytes: Option<String>,
+    request_timeout_ms: Option<String>,
+    downstream_headers: Option<String>,
+    downstream_signing_secret: Option<String>,
+    genesys_client_id: Option<String>,
+    genesys_client_secret: Option<String>,
+    genesys_region: Option<String>,
+    genesys_login_url: Option<String>,
     shutdown_grace_ms: Option<String>,
     publish_timeout_ms: Option<String>,
     admin_token: Option<String>,
@@ -216,6 +237,23 @@ impl Config {
 
         let worker_concurrency: u16 = positive("WORKER_CONCURRENCY", raw.worker_concurrency, 32)?;
         let max_body_bytes: usize = positive("MAX_BODY_BYTES", raw.max_body_bytes, 1_048_576)?;
+        let request_timeout_ms: u64 =
+            positive("REQUEST_TIMEOUT_MS", raw.request_timeout_ms, 15_000)?;
+        let downstream_headers = nonblank(raw.downstream_headers)
+            .map(|h| crate::delivery::parse_static_headers(&h))
+            .transpose()
+            .map_err(|e| ConfigError::new("DOWNSTREAM_HEADERS", e))?
+            .unwrap_or_default();
+        let downstream_signing = nonblank(raw.downstream_signing_secret)
+            .map(|k| crate::delivery::SigningKey::parse(&k))
+            .transpose()
+            .map_err(|e| ConfigError::new("DOWNSTREAM_SIGNING_SECRET", e))?;
+        let genesys = crate::genesys::GenesysSettings::from_vars(
+            nonblank(raw.genesys_client_id),
+            nonblank(raw.genesys_client_secret),
+            nonblank(raw.genesys_region),
+            nonblank(raw.genesys_login_url),
+        )?;
         let shutdown_grace_ms: u64 = number("SHUTDOWN_GRACE_MS", raw.shutdown_grace_ms, 10_000)?;
         let publish_timeout_ms: u64 =
             positive("PUBLISH_TIMEOUT_MS", raw.publish_timeout_ms, 5_000)?;
@@ -274,6 +312,7 @@ impl Config {
             queue_prefix,
             worker_concurrency,
             max_body_bytes,
+            request_timeout: Duration::from_millis(request_timeout_ms),
             shutdown_grace: Duration::from_millis(shutdown_grace_ms),
             publish_timeout: Duration::from_millis(publish_timeout_ms),
             admin_token: nonblank(raw.admin_token).map(Secret),
@@ -283,6 +322,9 @@ impl Config {
                 basic_auth,
                 hmac_secret: nonblank(raw.inbound_hmac_secret).map(Secret),
             },
+            downstream_headers,
+            downstream_signing,
+            genesys,
             log_format,
         })
     }
@@ -401,6 +443,8 @@ mod tests {
         assert_eq!(c.queue_prefix, "webhooks");
         assert_eq!(c.worker_concurrency, 32);
         assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.request_timeout, Duration::from_millis(15_000));
+        assert!(c.downstream_headers.is_empty() && c.downstream_signing.is_none());
         assert_eq!(c.shutdown_grace, Duration::from_millis(10_000));
         assert_eq!(c.publish_timeout, Duration::from_millis(5_000));
         assert_eq!(c.log_format, LogFormat::Text);
@@ -436,6 +480,16 @@ mod tests {
                 vec![("INBOUND_BASIC_AUTH", "nocolon")],
                 "INBOUND_BASIC_AUTH",
             ),
+            (vec![("REQUEST_TIMEOUT_MS", "0")], "REQUEST_TIMEOUT_MS"),
+            (
+                vec![("DOWNSTREAM_HEADERS", "X-Api-Key: k")],
+                "DOWNSTREAM_HEADERS",
+            ),
+            (
+                vec![("DOWNSTREAM_SIGNING_SECRET", "plain")],
+                "DOWNSTREAM_SIGNING_SECRET",
+            ),
+            (vec![("GENESYS_REGION", "atlantis")], "GENESYS_REGION"),
         ] {
             let err = cfg(&vars).unwrap_err();
             assert_eq!(err.var, var, "{vars:?} gave {err}");
@@ -455,9 +509,21 @@ mod tests {
         let c = cfg(&[
             ("ADMIN_TOKEN", "hunter2"),
             ("INBOUND_HMAC_SECRET", "s3cret"),
+            ("DOWNSTREAM_HEADERS", r#"{"X-Api-Key":"dskey-1"}"#),
+            ("DOWNSTREAM_SIGNING_SECRET", "whsec_c2lnbmluZy1rZXk="),
+            ("GENESYS_CLIENT_ID", "cid"),
+            ("GENESYS_CLIENT_SECRET", "gsecret-1"),
         ])
         .unwrap();
         let shown = format!("{c:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"));
+        for secret in [
+            "hunter2",
+            "s3cret",
+            "dskey-1",
+            "c2lnbmluZy1rZXk",
+            "gsecret-1",
+        ] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
     }
 }

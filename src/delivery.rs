@@ -1,11 +1,159 @@
-//! The downstream client and the outcome of one delivery attempt (SPEC §3, §4.3).
+//! The downstream client and the outcome of one delivery attempt (SPEC §3, §4.3),
+//! with the headers every delivery carries: static ones (`DOWNSTREAM_HEADERS`) and a
+//! Standard Webhooks signature (`DOWNSTREAM_SIGNING_SECRET`).
 
-use std::time::{Duration, SystemTime};
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use sha2::Sha256;
 
 use crate::envelope::Envelope;
 use crate::event::{IDEMPOTENCY_KEY, RELAY_ATTEMPT};
+
+/// Standard Webhooks: the message id (the event id, the same on every attempt).
+pub const WEBHOOK_ID: &str = "webhook-id";
+/// Standard Webhooks: Unix seconds when this attempt was signed.
+pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
+/// Standard Webhooks: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
+pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+
+/// Headers `DOWNSTREAM_HEADERS` may not set: the ones describing the hop, and the
+/// ones the relay itself owns on every delivery.
+const RESERVED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "host",
+    "content-length",
+    "content-type",
+    IDEMPOTENCY_KEY,
+    RELAY_ATTEMPT,
+    WEBHOOK_ID,
+    WEBHOOK_TIMESTAMP,
+    WEBHOOK_SIGNATURE,
+];
+
+/// Parses `DOWNSTREAM_HEADERS`: a JSON object of header name to string value, such as
+/// `{"X-Api-Key":"k-123","X-Tenant":"acme"}`. Values are marked sensitive, so they
+/// never show in debug output.
+pub fn parse_static_headers(text: &str) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| format!(r#"expected a JSON object such as {{"X-Api-Key":"..."}} ({e})"#))?;
+    let mut out = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        let header = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("{name:?} is not a valid header name"))?;
+        if RESERVED.contains(&header.as_str()) {
+            return Err(format!(
+                "{name:?} is set by the relay itself and cannot be configured"
+            ));
+        }
+        let serde_json::Value::String(value) = value else {
+            return Err(format!("the value of {name:?} must be a JSON string"));
+        };
+        let mut value = HeaderValue::from_str(&value)
+            .map_err(|_| format!("the value of {name:?} is not a valid header value"))?;
+        value.set_sensitive(true);
+        out.push((header, value));
+    }
+    Ok(out)
+}
+
+/// A Standard Webhooks signing key, given as `whsec_<base64>`; never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningKey(Vec<u8>);
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKey(***)")
+    }
+}
+
+impl SigningKey {
+    /// Parses `whsec_<base64 key>`, the form Standard Webhooks libraries take.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let b64 = text
+            .trim()
+            .strip_prefix("whsec_")
+            .ok_or("expected whsec_<base64 key>, the Standard Webhooks secret format")?;
+        let key = BASE64
+            .decode(b64)
+            .map_err(|_| "the part after whsec_ is not valid base64")?;
+        if key.is_empty() {
+            return Err("the key after whsec_ is empty".into());
+        }
+        Ok(Self(key))
+    }
+
+    /// The `webhook-signature` value for message `id` sent at `timestamp` (Unix seconds).
+    pub fn sign(&self, id: &str, timestamp: u64, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key");
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+    }
+}
+
+/// The headers of one delivery attempt (pure): the forwarded request headers, the
+/// original content type, the static headers (which win over forwarded ones of the
+/// same name), `Idempotency-Key`, `X-Relay-Attempt`, and with a key the Standard
+/// Webhooks trio signed at `now` (each attempt is signed afresh, so a retry hours
+/// later still passes a verifier's timestamp tolerance).
+pub fn delivery_headers(
+    event: &Envelope,
+    attempt: u32,
+    static_headers: &[(HeaderName, HeaderValue)],
+    signing: Option<&SigningKey>,
+    now: SystemTime,
+) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(event.headers.len() + static_headers.len() + 6);
+    for (name, value) in &event.headers {
+        // Stored headers came from a valid request; skip anything that no longer parses.
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&event.content_type) {
+        headers.insert(header::CONTENT_TYPE, v);
+    }
+    for (name, value) in static_headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(&event.id) {
+        headers.insert(IDEMPOTENCY_KEY, v);
+    }
+    headers.insert(RELAY_ATTEMPT, HeaderValue::from(attempt));
+    if let Some(key) = signing {
+        let ts = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let signature = key.sign(&event.id, ts, &event.body);
+        if let (Ok(id), Ok(sig)) = (
+            HeaderValue::from_str(&event.id),
+            HeaderValue::from_str(&signature),
+        ) {
+            headers.insert(WEBHOOK_ID, id);
+            headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(ts));
+            headers.insert(WEBHOOK_SIGNATURE, sig);
+        }
+    }
+    headers
+}
 
 /// How one attempt ended, as far as the retry policy cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +260,10 @@ pub struct Downstream {
     client: reqwest::Client,
     /// Where every event goes.
     url: reqwest::Url,
+    /// Added to every delivery (`DOWNSTREAM_HEADERS`), e.g. the downstream's API key.
+    static_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Signs every delivery the Standard Webhooks way (`DOWNSTREAM_SIGNING_SECRET`).
+    signing: Option<SigningKey>,
 }
 
 impl Downstream {
@@ -122,29 +274,35 @@ impl Downstream {
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60))
             .build()?;
-        Ok(Self { client, url })
+        Ok(Self {
+            client,
+            url,
+            static_headers: Vec::new(),
+            signing: None,
+        })
+    }
+
+    /// Adds `headers` to every delivery.
+    pub fn with_headers(mut self, headers: Vec<(HeaderName, HeaderValue)>) -> Self {
+        self.static_headers = headers;
+        self
+    }
+
+    /// Signs every delivery with `key` (none: unsigned).
+    pub fn with_signing(mut self, key: Option<SigningKey>) -> Self {
+        self.signing = key;
+        self
     }
 
     /// Makes attempt number `attempt` of `event`, giving up after `timeout`.
     pub async fn attempt(&self, event: &Envelope, attempt: u32, timeout: Duration) -> Outcome {
-        let mut headers = HeaderMap::with_capacity(event.headers.len() + 3);
-        for (name, value) in &event.headers {
-            // Stored headers came from a valid request; skip anything that no longer parses.
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value),
-            ) {
-                headers.append(n, v);
-            }
-        }
-        if let Ok(v) = HeaderValue::from_str(&event.content_type) {
-            headers.insert(header::CONTENT_TYPE, v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&event.id) {
-            headers.insert(IDEMPOTENCY_KEY, v);
-        }
-        headers.insert(RELAY_ATTEMPT, HeaderValue::from(attempt));
-
+        let headers = delivery_headers(
+            event,
+            attempt,
+            &self.static_headers,
+            self.signing.as_ref(),
+            SystemTime::now(),
+        );
         let request = self
             .client
             .post(self.url.clone())
@@ -204,6 +362,92 @@ mod tests {
         for code in [301, 302, 304, 307, 400, 401, 403, 404, 409, 410, 422] {
             assert_eq!(outcome(code, None).label(), "permanent", "{code}");
         }
+    }
+
+    fn event() -> Envelope {
+        Envelope::received(
+            "ev-1".into(),
+            "w".into(),
+            Some("application/json"),
+            vec![
+                ("x-api-key".into(), b"from-sender".to_vec()),
+                ("x-trace".into(), b"t".to_vec()),
+            ],
+            bytes::Bytes::from_static(br#"{"a":1}"#),
+        )
+    }
+
+    #[test]
+    fn static_headers_parse_and_refuse_what_the_relay_owns() {
+        let h =
+            parse_static_headers(r#"{"X-Api-Key":"k-123","Authorization":"Bearer d"}"#).unwrap();
+        assert_eq!(h.len(), 2);
+        assert!(h.iter().all(|(_, v)| v.is_sensitive()));
+        assert!(
+            !format!("{h:?}").contains("k-123"),
+            "values hidden from Debug"
+        );
+        for bad in [
+            "X-Api-Key: k",
+            r#"["X-Api-Key","k"]"#,
+            r#"{"bad name":"v"}"#,
+            r#"{"X-Num":5}"#,
+            r#"{"X-Nl":"a
+b"}"#,
+            r#"{"Content-Length":"5"}"#,
+            r#"{"Idempotency-Key":"k"}"#,
+            r#"{"webhook-signature":"v1,x"}"#,
+        ] {
+            assert!(parse_static_headers(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn signing_matches_the_standard_webhooks_test_vector() {
+        // The Standard Webhooks reference libraries' own sign test.
+        let key = SigningKey::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
+        assert_eq!(
+            key.sign(
+                "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+                1649367553,
+                br#"{"email":"test@example.com","username":"test_user"}"#
+            ),
+            "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw="
+        );
+        assert!(
+            SigningKey::parse("C2FVsBQIhrscChlQIMV+b5sSYspob7oD").is_err(),
+            "prefix required"
+        );
+        assert!(SigningKey::parse("whsec_not base64!").is_err());
+        assert!(SigningKey::parse("whsec_").is_err());
+        assert_eq!(format!("{key:?}"), "SigningKey(***)");
+    }
+
+    #[test]
+    fn delivery_headers_layer_static_relay_and_signature_headers() {
+        let statics = parse_static_headers(r#"{"X-Api-Key":"downstream-key"}"#).unwrap();
+        let key = SigningKey::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let h = delivery_headers(&event(), 3, &statics, Some(&key), at);
+        assert_eq!(
+            h["x-api-key"], "downstream-key",
+            "static wins over forwarded"
+        );
+        assert_eq!(h.get_all("x-api-key").iter().count(), 1);
+        assert_eq!(h["x-trace"], "t");
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(h["idempotency-key"], "ev-1");
+        assert_eq!(h["x-relay-attempt"], "3");
+        assert_eq!(h[WEBHOOK_ID], "ev-1");
+        assert_eq!(h[WEBHOOK_TIMESTAMP], "1700000000");
+        assert_eq!(
+            h[WEBHOOK_SIGNATURE],
+            key.sign("ev-1", 1_700_000_000, br#"{"a":1}"#).as_str()
+        );
+
+        let unsigned = delivery_headers(&event(), 1, &[], None, at);
+        assert_eq!(unsigned["x-api-key"], "from-sender");
+        assert!(unsigned.get(WEBHOOK_SIGNATURE).is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use webhook_relay::app::{App, Role};
 use webhook_relay::config::{Config, ConfigError};
-use webhook_relay::{broker, retry, telemetry};
+use webhook_relay::{broker, genesys, retry, telemetry};
 
 /// Receives Genesys Cloud webhooks, forwards them downstream, and retries failures
 /// through RabbitMQ. Configured through environment variables (and `.env`).
@@ -43,6 +43,18 @@ enum Command {
     },
     /// A demo downstream that fails and stalls a share of requests (DEMO_* variables).
     DemoDownstream,
+    /// Calls back to Genesys Cloud (GENESYS_CLIENT_ID, GENESYS_CLIENT_SECRET, GENESYS_REGION).
+    Genesys {
+        #[command(subcommand)]
+        action: GenesysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GenesysAction {
+    /// Obtain a token with the client credentials and print its expiry and scopes
+    /// (never the token itself).
+    Token,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +103,9 @@ fn check_for(command: &Command, config: Config) -> Result<Config, ConfigError> {
         Command::Receiver if config.inline_delivery => {
             config.require_downstream("receiver with INLINE_DELIVERY=true")?;
         }
+        Command::Genesys { .. } => {
+            config.genesys.credentials()?;
+        }
         _ => {}
     }
     Ok(config)
@@ -104,6 +119,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Topology { .. } => "topology",
         Command::Healthcheck { .. } => "healthcheck",
         Command::DemoDownstream => "demo-downstream",
+        Command::Genesys { .. } => "genesys",
     }
 }
 
@@ -128,7 +144,36 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::DemoDownstream => demo_downstream().await,
+        Command::Genesys {
+            action: GenesysAction::Token,
+        } => genesys_token(config).await,
     }
+}
+
+async fn genesys_token(config: Config) -> anyhow::Result<()> {
+    let credentials = config.genesys.credentials()?;
+    let client = genesys::TokenClient::genesys(credentials.clone())?;
+    let token = client
+        .token()
+        .await
+        .with_context(|| format!("getting a token from {}", credentials.token_url))?;
+    let issued = &token.issued;
+    println!("token endpoint  {}", credentials.token_url);
+    println!("client id       {}", credentials.client_id);
+    println!("token type      {}", issued.token_type);
+    println!(
+        "expires in      {} s (at {})",
+        issued.expires_in.as_secs(),
+        humantime::format_rfc3339_seconds(token.expires_at)
+    );
+    if issued.scopes.is_empty() {
+        println!(
+            "scopes          (none stated; a client-credentials token carries the roles of its OAuth client)"
+        );
+    } else {
+        println!("scopes          {}", issued.scopes.join(" "));
+    }
+    Ok(())
 }
 
 async fn serve(config: Config, role: Role) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 
 mod auth;
 mod receive;
+pub mod server;
 
 use std::sync::Arc;
 

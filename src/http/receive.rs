@@ -5,14 +5,15 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
-use http::{HeaderMap, StatusCode, header};
+use axum::extract::State;
+use http::{HeaderMap, StatusCode, Uri, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::{Answer, ApiError, auth};
 use crate::broker::{PublishError, Target};
 use crate::envelope::Envelope;
 use crate::event;
+use crate::payload;
 use crate::relay::{Relay, Settled};
 
 type Answered = Result<(StatusCode, Json<Answer>), ApiError>;
@@ -29,10 +30,16 @@ pub async fn receive_default(
 /// `POST /webhooks/{name}`: the name becomes the webhook name.
 pub async fn receive_named(
     State(relay): State<Arc<Relay>>,
-    Path(name): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Answered {
+    // Read from the raw path and decoded leniently: a name that does not decode to
+    // UTF-8 (`%FF`) is still a name, never a reason to refuse the event.
+    let segment = uri.path().rsplit('/').next().unwrap_or_default();
+    let name = percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned();
     receive(&relay, Some(name), headers, body).await
 }
 
@@ -59,13 +66,25 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
         return Err(too_large());
     }
     // Stops reading as soon as the limit is passed; never buffers more than the limit.
-    let bytes = match Limited::new(body, cfg.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => return Err(too_large()),
-        Err(_) => {
+    // A sender trickling its body (slowloris) is cut off after REQUEST_TIMEOUT_MS.
+    let reading = Limited::new(body, cfg.max_body_bytes).collect();
+    let bytes = match tokio::time::timeout(cfg.request_timeout, reading).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => return Err(too_large()),
+        Ok(Err(_)) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "could not read the request body",
+                early_id(),
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "body not received within {} ms",
+                    cfg.request_timeout.as_millis()
+                ),
                 early_id(),
             ));
         }
@@ -73,24 +92,12 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     if !auth::check_body(&cfg.inbound, &headers, &bytes) {
         return Err(unauthorized(early_id()));
     }
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "body is empty",
-            early_id(),
-        ));
-    }
-    let parsed: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("body is not valid JSON: {e}"),
-            early_id(),
-        )
-    })?;
+    // Only the identity fields are kept: the body itself travels on untouched.
+    let identity = payload::inspect(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string(), early_id()))?;
 
-    let id = event::event_id(&headers, Some(&parsed)).unwrap_or_else(event::new_event_id);
-    let webhook = event::webhook_name(name.as_deref(), &headers, Some(&parsed));
-    drop(parsed);
+    let id = event::event_id(&headers, Some(&identity)).unwrap_or_else(event::new_event_id);
+    let webhook = event::webhook_name(name.as_deref(), &headers, Some(&identity));
     let event = Envelope::received(
         id.clone(),
         webhook,

@@ -3,9 +3,15 @@
 
 mod common;
 
+mod auth;
 mod cli;
 mod compose;
 mod demo;
+mod genesys;
+mod hostile;
+mod payloads;
 mod receive;
+mod request_path;
+mod signing;
 mod topology;
 mod worker;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod downstream;
+pub mod raw_http;
 
 use std::collections::HashMap;
 use std::future::Future;
