@@ -219,7 +219,7 @@ impl Broker {
                     event.properties(),
                 )
                 .await?;
-            Ok::<_, lapin::Error>(confirm.await?)
+            confirm.await
         };
         let result = match tokio::time::timeout(self.inner.publish_timeout, publish).await {
             Err(_) => Err(PublishError::Timeout(self.inner.publish_timeout)),
