@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use webhook_relay::app::{App, Role};
 use webhook_relay::config::{Config, ConfigError};
-use webhook_relay::{broker, retry, telemetry};
+use webhook_relay::{broker, dlq, retry, telemetry};
 
 /// Receives Genesys Cloud webhooks, forwards them downstream, and retries failures
 /// through RabbitMQ. Configured through environment variables (and `.env`).
@@ -32,6 +32,11 @@ enum Command {
         #[command(subcommand)]
         action: TopologyAction,
     },
+    /// Inspect, replay and purge the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        action: dlq::cli::DlqCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,8 +57,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
+    if let Command::Dlq { action } = command {
+        telemetry::init_with_default(config.log_format, "warn");
+        return runtime.block_on(dlq::cli::run(&config, action));
+    }
+    telemetry::init(config.log_format);
     match runtime.block_on(run(command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -83,6 +92,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Receiver => "receiver",
         Command::Worker => "worker",
         Command::Topology { .. } => "topology",
+        Command::Dlq { .. } => "dlq",
     }
 }
 
@@ -94,6 +104,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Topology {
             action: TopologyAction::Declare,
         } => declare(config).await,
+        Command::Dlq { .. } => unreachable!("dlq commands run from main"),
     }
 }
 

@@ -23,7 +23,8 @@ pub async fn receive_default(
     headers: HeaderMap,
     body: Body,
 ) -> Answered {
-    receive(&relay, None, headers, body).await
+    let answered = receive(&relay, None, headers, body).await;
+    counted("/webhook/receive", answered)
 }
 
 /// `POST /webhooks/{name}`: the name becomes the webhook name.
@@ -33,7 +34,17 @@ pub async fn receive_named(
     headers: HeaderMap,
     body: Body,
 ) -> Answered {
-    receive(&relay, Some(name), headers, body).await
+    let answered = receive(&relay, Some(name), headers, body).await;
+    counted("/webhooks/{name}", answered)
+}
+
+/// Counts the answer by endpoint (the route, not the path: bounded label values).
+fn counted(endpoint: &'static str, answered: Answered) -> Answered {
+    match &answered {
+        Ok((code, Json(a))) => crate::metrics::received(endpoint, code.as_u16(), a.status),
+        Err(e) => crate::metrics::received(endpoint, e.status.as_u16(), "error"),
+    }
+    answered
 }
 
 async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: Body) -> Answered {
@@ -91,6 +102,7 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     let id = event::event_id(&headers, Some(&parsed)).unwrap_or_else(event::new_event_id);
     let webhook = event::webhook_name(name.as_deref(), &headers, Some(&parsed));
     drop(parsed);
+    let span = tracing::info_span!("event", event_id = %id, webhook = %webhook);
     let event = Envelope::received(
         id.clone(),
         webhook,
@@ -102,7 +114,7 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     );
 
     let unavailable = |e: crate::broker::PublishError| {
-        tracing::warn!(event_id = %id, error = %e, "answering 503: event not stored");
+        span.in_scope(|| tracing::warn!(error = %e, "answering 503: event not stored"));
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "event could not be stored; retry later",

@@ -3,7 +3,11 @@
 
 mod common;
 
+mod admin;
 mod cli;
+mod dlq;
+mod logs;
+mod metrics;
 mod receive;
 mod topology;
 mod worker;

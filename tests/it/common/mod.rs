@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod downstream;
+pub mod process;
+pub mod seed;
 
 use std::collections::HashMap;
 use std::future::Future;
