@@ -64,6 +64,7 @@ impl App {
         } else {
             None
         };
+        crate::metrics::install();
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
@@ -110,6 +111,10 @@ impl App {
         let worker = role
             .works()
             .then(|| tokio::spawn(crate::worker::run(relay.clone(), cancel.clone())));
+        let depths = tokio::spawn(crate::metrics::refresh_queue_depths(
+            relay.clone(),
+            cancel.clone(),
+        ));
 
         cancel.cancelled().await;
         tracing::info!(
@@ -125,6 +130,7 @@ impl App {
         if let Some(worker) = worker {
             let _ = worker.await;
         }
+        let _ = depths.await;
         relay.broker.close().await;
         tracing::info!("stopped");
         Ok(())

@@ -318,7 +318,8 @@ impl Downstream {
             }
             Err(e) => Outcome::Retryable {
                 status: None,
-                error: describe(&e, timeout),
+                // The URL may carry credentials; the error text goes to logs and headers.
+                error: describe(&e.without_url(), timeout),
                 retry_after: None,
             },
         }
@@ -338,6 +339,20 @@ fn describe(e: &reqwest::Error, timeout: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn errors_never_carry_the_downstream_url() {
+        // Port 1 on loopback: the connection is refused at once.
+        let url = "http://relay:s3cret-pass@127.0.0.1:1/hook?token=t0ken";
+        let downstream = Downstream::new(reqwest::Url::parse(url).unwrap()).unwrap();
+        let event = Envelope::received("e".into(), "w".into(), None, vec![], Default::default());
+        let outcome = downstream.attempt(&event, 1, Duration::from_secs(2)).await;
+        let error = outcome.error().expect("the attempt failed");
+        assert!(error.starts_with("connection failed"), "{error}");
+        for secret in ["s3cret-pass", "t0ken"] {
+            assert!(!error.contains(secret), "{error}");
+        }
+    }
 
     fn outcome(code: u16, retry_after: Option<&str>) -> Outcome {
         let mut h = HeaderMap::new();

@@ -208,9 +208,8 @@ impl Envelope {
                 .and_then(amqp_u64)
                 .and_then(|s| u16::try_from(s).ok()),
             // A message the broker dead-lettered itself (past `x-delivery-limit`) has no
-            // relay reason, only the broker's: say so rather than show nothing.
-            dead_letter_reason: text(H_REASON)
-                .or_else(|| broker_death_reason(h).map(|r| format!("broker_{r}"))),
+            // relay reason, only the broker's (`delivery_limit`): show that one.
+            dead_letter_reason: text(H_REASON).or_else(|| broker_death_reason(h)),
             dead_lettered_at_ms: text(H_DEAD_LETTERED_AT).and_then(|s| parse_rfc3339_ms(&s)),
             body: Bytes::from(body),
         }
@@ -325,17 +324,14 @@ mod tests {
         let mut h = FieldTable::default();
         h.insert("x-death".into(), AMQPValue::FieldArray(deaths));
         let e = Envelope::from_amqp(&BasicProperties::default().with_headers(h.clone()), vec![]);
-        assert_eq!(
-            e.dead_letter_reason.as_deref(),
-            Some("broker_delivery_limit")
-        );
+        assert_eq!(e.dead_letter_reason.as_deref(), Some("delivery_limit"));
         // 3.13+: x-last-death-reason says it directly.
         h.insert(
             "x-last-death-reason".into(),
             AMQPValue::LongString("rejected".into()),
         );
         let e = Envelope::from_amqp(&BasicProperties::default().with_headers(h), vec![]);
-        assert_eq!(e.dead_letter_reason.as_deref(), Some("broker_rejected"));
+        assert_eq!(e.dead_letter_reason.as_deref(), Some("rejected"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use webhook_relay::app::{App, Role};
 use webhook_relay::config::{Config, ConfigError};
-use webhook_relay::{broker, genesys, retry, telemetry};
+use webhook_relay::{broker, dlq, genesys, retry, telemetry};
 
 /// Receives Genesys Cloud webhooks, forwards them downstream, and retries failures
 /// through RabbitMQ. Configured through environment variables (and `.env`).
@@ -43,6 +43,11 @@ enum Command {
     },
     /// A demo downstream that fails and stalls a share of requests (DEMO_* variables).
     DemoDownstream,
+    /// Inspect, replay and purge the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        action: dlq::cli::DlqCommand,
+    },
     /// Calls back to Genesys Cloud (GENESYS_CLIENT_ID, GENESYS_CLIENT_SECRET, GENESYS_REGION).
     Genesys {
         #[command(subcommand)]
@@ -83,8 +88,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
+    if let Command::Dlq { action } = command {
+        telemetry::init_with_default(config.log_format, "warn");
+        return runtime.block_on(dlq::cli::run(&config, action));
+    }
+    telemetry::init(config.log_format);
     match runtime.block_on(run(command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -120,6 +129,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Healthcheck { .. } => "healthcheck",
         Command::DemoDownstream => "demo-downstream",
         Command::Genesys { .. } => "genesys",
+        Command::Dlq { .. } => "dlq",
     }
 }
 
@@ -147,6 +157,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Genesys {
             action: GenesysAction::Token,
         } => genesys_token(config).await,
+        Command::Dlq { .. } => unreachable!("dlq commands run from main"),
     }
 }
 

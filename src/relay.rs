@@ -77,6 +77,7 @@ impl Relay {
                 .as_ref()
                 .expect("delivering commands are built with a downstream");
             let attempt = event.attempts.saturating_add(1);
+            let started = std::time::Instant::now();
             let outcome = downstream
                 .attempt(
                     &event,
@@ -84,6 +85,7 @@ impl Relay {
                     timeout.unwrap_or(self.config.delivery_timeout),
                 )
                 .await;
+            crate::metrics::attempted(&outcome, started.elapsed());
             let decision = self.policy.decide(attempt, &outcome);
             event.record_attempt(attempt, outcome.status(), outcome.error());
             let settled = match decision {
@@ -93,6 +95,7 @@ impl Relay {
                 }
                 Decision::Retry { level, delay } => {
                     self.broker.publish(Target::Retry(level), &event).await?;
+                    crate::metrics::retry_scheduled(level, delay);
                     tracing::info!(
                         attempt,
                         status = outcome.status(),
@@ -105,6 +108,7 @@ impl Relay {
                 Decision::DeadLetter(reason) => {
                     event.dead_letter(reason.as_str());
                     self.broker.publish(Target::Dlq, &event).await?;
+                    crate::metrics::dead_lettered(reason.as_str());
                     tracing::warn!(
                         attempt,
                         status = outcome.status(),

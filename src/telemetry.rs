@@ -8,8 +8,14 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber; call once, from `main`.
 pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
+    init_with_default(format, "info");
+}
+
+/// Like [`init`], with another filter when `RUST_LOG` is unset: operator tools print
+/// their own output and log only warnings by default.
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_filter},lapin=off")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

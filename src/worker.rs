@@ -124,6 +124,7 @@ async fn start_consumer(
 
 async fn handle(relay: &Relay, delivery: lapin::message::Delivery) {
     let event = Envelope::from_amqp(&delivery.properties, delivery.data);
+    let span = tracing::info_span!("event", event_id = %event.id, webhook = %event.webhook);
     let settled = relay.attempt_and_settle(event, None).await;
     let result = if settled.is_ok() {
         delivery
@@ -142,6 +143,7 @@ async fn handle(relay: &Relay, delivery: lapin::message::Delivery) {
     };
     if let Err(e) = result {
         // The channel is gone; the broker redelivers the message (a duplicate, never a loss).
+        let _in_event = span.enter();
         tracing::debug!(error = %e, "could not ack/nack; the message will be redelivered");
     }
 }

@@ -207,6 +207,7 @@ impl Broker {
     /// Publishes `event` to `target`: persistent, mandatory, confirmed. `Ok` means the
     /// broker holds it in a queue.
     pub async fn publish(&self, target: Target, event: &Envelope) -> Result<(), PublishError> {
+        let started = std::time::Instant::now();
         let session = self.session().ok_or(PublishError::NotConnected)?;
         let topo = &self.inner.topology;
         let (exchange, routing_key) = match target {
@@ -242,6 +243,7 @@ impl Broker {
             Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
             Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::NotConfirmMode),
         };
+        crate::metrics::publish_confirmed(target, &result, started.elapsed());
         match &result {
             // A broken channel, or topology that vanished: rebuild the session.
             Err(

@@ -1,6 +1,7 @@
-//! The HTTP surface (SPEC §4): the receive endpoints, health and readiness, and the
-//! one error type every handler answers with.
+//! The HTTP surface (SPEC §4): the receive endpoints, health and readiness, metrics,
+//! the admin tree, and the one error type the receive handlers answer with.
 
+pub mod admin;
 mod auth;
 mod receive;
 pub mod server;
@@ -25,19 +26,25 @@ pub fn receiver_router(relay: Arc<Relay>) -> Router {
     Router::new()
         .route("/webhook/receive", post(receive::receive_default))
         .route("/webhooks/{name}", post(receive::receive_named))
-        .merge(ops_routes())
+        .merge(ops_routes(&relay))
         .with_state(relay)
 }
 
-/// A worker-only process's router: health and readiness, no intake.
+/// A worker-only process's router: health, readiness, metrics and admin; no intake.
 pub fn worker_router(relay: Arc<Relay>) -> Router {
-    ops_routes().with_state(relay)
+    ops_routes(&relay).with_state(relay)
 }
 
-fn ops_routes() -> Router<Arc<Relay>> {
-    Router::new()
+fn ops_routes(relay: &Relay) -> Router<Arc<Relay>> {
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    // Without a token the admin tree does not exist at all (404, not 401).
+    match &relay.config.admin_token {
+        Some(token) => routes.merge(admin::routes(token)),
+        None => routes,
+    }
 }
 
 /// A successful answer: what happened to the event, and its id.
@@ -100,6 +107,12 @@ impl IntoResponse for ApiError {
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn metrics(State(relay): State<Arc<Relay>>) -> Response {
+    const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
+    let body = crate::metrics::render(&relay);
+    ([(header::CONTENT_TYPE, EXPOSITION)], body).into_response()
 }
 
 async fn readyz(State(relay): State<Arc<Relay>>) -> Response {

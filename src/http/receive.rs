@@ -24,7 +24,8 @@ pub async fn receive_default(
     headers: HeaderMap,
     body: Body,
 ) -> Answered {
-    receive(&relay, None, headers, body).await
+    let answered = receive(&relay, None, headers, body).await;
+    counted("/webhook/receive", answered)
 }
 
 /// `POST /webhooks/{name}`: the name becomes the webhook name.
@@ -40,7 +41,17 @@ pub async fn receive_named(
     let name = percent_encoding::percent_decode_str(segment)
         .decode_utf8_lossy()
         .into_owned();
-    receive(&relay, Some(name), headers, body).await
+    let answered = receive(&relay, Some(name), headers, body).await;
+    counted("/webhooks/{name}", answered)
+}
+
+/// Counts the answer by endpoint (the route, not the path: bounded label values).
+fn counted(endpoint: &'static str, answered: Answered) -> Answered {
+    match &answered {
+        Ok((code, Json(a))) => crate::metrics::received(endpoint, code.as_u16(), a.status),
+        Err(e) => crate::metrics::received(endpoint, e.status.as_u16(), "error"),
+    }
+    answered
 }
 
 async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: Body) -> Answered {
@@ -98,6 +109,7 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
 
     let id = event::event_id(&headers, Some(&identity)).unwrap_or_else(event::new_event_id);
     let webhook = event::webhook_name(name.as_deref(), &headers, Some(&identity));
+    let span = tracing::info_span!("event", event_id = %id, webhook = %webhook);
     let event = Envelope::received(
         id.clone(),
         webhook,
@@ -109,12 +121,14 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     );
 
     let unavailable = |e: PublishError| {
-        if e.is_connection_loss() {
-            // An outage is logged once by the broker supervisor, not once per request.
-            tracing::debug!(event_id = %id, error = %e, "answering 503: event not stored");
-        } else {
-            tracing::warn!(event_id = %id, error = %e, "answering 503: event not stored");
-        }
+        span.in_scope(|| {
+            if e.is_connection_loss() {
+                // An outage is logged once by the broker supervisor, not once per request.
+                tracing::debug!(error = %e, "answering 503: event not stored");
+            } else {
+                tracing::warn!(error = %e, "answering 503: event not stored");
+            }
+        });
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "event could not be stored; retry later",

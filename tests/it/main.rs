@@ -3,12 +3,16 @@
 
 mod common;
 
+mod admin;
 mod auth;
 mod cli;
 mod compose;
 mod demo;
+mod dlq;
 mod genesys;
 mod hostile;
+mod logs;
+mod metrics;
 mod payloads;
 mod receive;
 mod request_path;

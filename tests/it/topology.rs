@@ -147,10 +147,7 @@ async fn a_message_past_the_work_delivery_limit_is_parked_in_the_dlq() {
     let m = inspect.drain(&dlq).await.remove(0);
     let e = Envelope::from_amqp(&m.delivery.properties, m.delivery.data);
     assert_eq!(e.id, "poison-1");
-    assert_eq!(
-        e.dead_letter_reason.as_deref(),
-        Some("broker_delivery_limit")
-    );
+    assert_eq!(e.dead_letter_reason.as_deref(), Some("delivery_limit"));
     println!("returned {returns} times before the broker dead-lettered it");
     inspect.close().await;
 }

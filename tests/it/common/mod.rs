@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod downstream;
+pub mod process;
 pub mod raw_http;
+pub mod seed;
 
 use std::collections::HashMap;
 use std::future::Future;

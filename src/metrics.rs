@@ -1,0 +1,282 @@
+//! Prometheus metrics (SPEC §4.1): the recorder, the one-line recording calls the
+//! relay makes at its decision points, the `/metrics` text, and the background task
+//! that keeps queue depths fresh without a broker round-trip per scrape.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{PublishError, Session, Target};
+use crate::delivery::Outcome;
+use crate::relay::Relay;
+
+/// How often queue depths are read from the broker (and the recorder's upkeep runs).
+pub const DEPTH_REFRESH: Duration = Duration::from_secs(5);
+
+/// Requests answered by the receive endpoints, by `endpoint`, `code` and `answer`.
+pub const EVENTS_RECEIVED: &str = "webhook_relay_events_received_total";
+/// Downstream attempts, by `result` and `status_class`.
+pub const DELIVERY_ATTEMPTS: &str = "webhook_relay_delivery_attempts_total";
+/// Duration of one downstream attempt, by `result`.
+pub const DELIVERY_DURATION: &str = "webhook_relay_delivery_duration_seconds";
+/// Events durably parked in a retry level, by `level`.
+pub const RETRIES_SCHEDULED: &str = "webhook_relay_retries_scheduled_total";
+/// Events durably moved to the DLQ by the relay, by `reason`.
+pub const DEAD_LETTERED: &str = "webhook_relay_dead_lettered_total";
+/// DLQ messages replayed to the work queue, by `result` (`moved`, `failed`).
+pub const DLQ_REPLAYED: &str = "webhook_relay_dlq_replayed_total";
+/// DLQ messages deleted by a purge.
+pub const DLQ_PURGED: &str = "webhook_relay_dlq_purged_total";
+/// Time from publish to the broker's confirm, by `target` and `result`.
+pub const PUBLISH_CONFIRM: &str = "webhook_relay_publish_confirm_seconds";
+/// Ready messages per queue, by `queue` and `kind` (`work`, `retry`, `dlq`).
+pub const QUEUE_DEPTH: &str = "webhook_relay_queue_depth";
+/// 1 while the broker session is usable, else 0.
+pub const BROKER_UP: &str = "webhook_relay_broker_up";
+
+/// Histogram buckets (seconds): from a fast local confirm to a slow downstream.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once; later calls return the same
+/// handle. `None` when another recorder was installed first (then `/metrics` is empty
+/// and recording calls go to that recorder).
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                .expect("the bucket list is not empty")
+                .install_recorder()
+                .inspect_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+                .ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    describe_counter!(
+        EVENTS_RECEIVED,
+        "Requests answered by the receive endpoints, by endpoint, HTTP code and answer."
+    );
+    describe_counter!(
+        DELIVERY_ATTEMPTS,
+        "Downstream delivery attempts, by result and status class."
+    );
+    describe_histogram!(
+        DELIVERY_DURATION,
+        Unit::Seconds,
+        "Duration of one downstream delivery attempt."
+    );
+    describe_counter!(
+        RETRIES_SCHEDULED,
+        "Events durably scheduled in a retry level."
+    );
+    describe_counter!(
+        DEAD_LETTERED,
+        "Events durably moved to the DLQ by the relay, by reason."
+    );
+    describe_counter!(
+        DLQ_REPLAYED,
+        "DLQ messages replayed to the work queue (moved) or whose replay publish failed."
+    );
+    describe_counter!(DLQ_PURGED, "DLQ messages deleted by a purge.");
+    describe_histogram!(
+        PUBLISH_CONFIRM,
+        Unit::Seconds,
+        "Time from publish to the broker's confirm."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Ready messages per queue, refreshed every few seconds."
+    );
+    describe_gauge!(
+        BROKER_UP,
+        "1 while the broker connection is usable, else 0."
+    );
+}
+
+/// The `/metrics` body, in Prometheus text format.
+pub fn render(relay: &Relay) -> String {
+    gauge!(BROKER_UP).set(if relay.broker.is_ready() { 1.0 } else { 0.0 });
+    install().map(PrometheusHandle::render).unwrap_or_default()
+}
+
+/// A receive endpoint answered `code` with body status `answer`.
+pub fn received(endpoint: &'static str, code: u16, answer: &'static str) {
+    counter!(EVENTS_RECEIVED, "endpoint" => endpoint, "code" => code.to_string(), "answer" => answer)
+        .increment(1);
+}
+
+/// One downstream attempt ended in `outcome` after `took`.
+pub fn attempted(outcome: &Outcome, took: Duration) {
+    let result = outcome.label();
+    counter!(DELIVERY_ATTEMPTS, "result" => result, "status_class" => status_class(outcome.status()))
+        .increment(1);
+    histogram!(DELIVERY_DURATION, "result" => result).record(took);
+}
+
+/// An event is durably in retry level `level` (0-based) of delay `delay`.
+pub fn retry_scheduled(level: usize, delay: Duration) {
+    counter!(RETRIES_SCHEDULED, "level" => level_label(level, delay)).increment(1);
+}
+
+/// An event is durably in the DLQ for `reason`.
+pub fn dead_lettered(reason: &'static str) {
+    counter!(DEAD_LETTERED, "reason" => reason).increment(1);
+}
+
+/// A DLQ message was moved back to the work queue (`moved`) or its publish failed.
+pub fn replayed(result: &'static str) {
+    counter!(DLQ_REPLAYED, "result" => result).increment(1);
+}
+
+/// A DLQ message was deleted by a purge.
+pub fn purged() {
+    counter!(DLQ_PURGED).increment(1);
+}
+
+/// A publish to `target` ended in `result` after `took`.
+pub fn publish_confirmed(target: Target, result: &Result<(), PublishError>, took: Duration) {
+    let target = match target {
+        Target::Work => "work",
+        Target::Retry(_) => "retry",
+        Target::Dlq => "dlq",
+    };
+    let result = if result.is_ok() {
+        "confirmed"
+    } else {
+        "failed"
+    };
+    histogram!(PUBLISH_CONFIRM, "target" => target, "result" => result).record(took);
+}
+
+/// `2xx` .. `5xx`, or `none` when the downstream never answered (pure).
+pub fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        Some(_) => "other",
+        None => "none",
+    }
+}
+
+/// The level label, the ladder part of the queue name: `01-2s` (pure).
+pub fn level_label(level: usize, delay: Duration) -> String {
+    format!(
+        "{:02}-{}",
+        level + 1,
+        crate::broker::topology::human_delay(delay)
+    )
+}
+
+/// Refreshes the queue-depth gauges every [`DEPTH_REFRESH`] until `cancel` fires, with
+/// one passive declare per queue on a channel of the current broker session. Also runs
+/// the recorder's upkeep, which keeps histogram memory bounded between scrapes.
+pub async fn refresh_queue_depths(relay: Arc<Relay>, cancel: CancellationToken) {
+    let queues: Vec<(String, &'static str)> = {
+        let t = relay.topology();
+        std::iter::once((t.work.clone(), "work"))
+            .chain(t.retry.iter().map(|l| (l.name.clone(), "retry")))
+            .chain(std::iter::once((t.dlq.clone(), "dlq")))
+            .collect()
+    };
+    // The channel is reused while its session lives; a new session gets a new channel.
+    let mut current: Option<(Arc<Session>, lapin::Channel)> = None;
+    let mut tick = tokio::time::interval(DEPTH_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Some(h) = install() {
+            h.run_upkeep();
+        }
+        let Some(session) = relay.broker.session() else {
+            current = None;
+            continue;
+        };
+        if !current
+            .as_ref()
+            .is_some_and(|(s, ch)| Arc::ptr_eq(s, &session) && ch.status().connected())
+        {
+            match session.connection().create_channel().await {
+                Ok(ch) => current = Some((session.clone(), ch)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "queue depth refresh: no channel");
+                    current = None;
+                    continue;
+                }
+            }
+        }
+        let Some((_, channel)) = &current else {
+            continue;
+        };
+        for (name, kind) in &queues {
+            let declared = channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true, // read the count; never create or change the queue
+                        durable: true,
+                        exclusive: false,
+                        auto_delete: false,
+                        nowait: false,
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(q) => {
+                    gauge!(QUEUE_DEPTH, "queue" => name.clone(), "kind" => *kind)
+                        .set(f64::from(q.message_count()));
+                }
+                Err(e) => {
+                    // A missing queue closes the channel; the next tick opens another.
+                    tracing::debug!(queue = %name, error = %e, "queue depth refresh failed");
+                    break;
+                }
+            }
+        }
+    }
+    if let Some((_, channel)) = current {
+        let _ = channel.close(200, "stopping".into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(Some(204)), "2xx");
+        assert_eq!(status_class(Some(302)), "3xx");
+        assert_eq!(status_class(Some(404)), "4xx");
+        assert_eq!(status_class(Some(503)), "5xx");
+        assert_eq!(status_class(Some(99)), "other");
+        assert_eq!(status_class(None), "none");
+    }
+
+    #[test]
+    fn level_labels_match_queue_names() {
+        assert_eq!(level_label(0, Duration::from_secs(2)), "01-2s");
+        assert_eq!(level_label(11, Duration::from_secs(3600)), "12-1h");
+        assert_eq!(level_label(0, Duration::from_millis(40)), "01-40ms");
+    }
+}
