@@ -58,6 +58,30 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The broker URL, whose `Debug` hides the password it may carry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl(String);
+
+impl std::ops::Deref for AmqpUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match reqwest::Url::parse(&self.0) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("***"));
+                write!(f, "{:?}", u.as_str())
+            }
+            Ok(u) => write!(f, "{:?}", u.as_str()),
+            Err(_) => f.write_str("\"(unparsable)\""),
+        }
+    }
+}
+
 /// Log output format (`LOG_FORMAT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -84,7 +108,7 @@ pub struct InboundAuth {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Broker address, checked to be a well-formed AMQP URI.
-    pub amqp_url: String,
+    pub amqp_url: AmqpUrl,
     /// Where events are forwarded; only the commands that deliver require it.
     pub downstream_url: Option<reqwest::Url>,
     /// Address the HTTP receiver binds.
@@ -300,7 +324,7 @@ impl Config {
         };
 
         Ok(Self {
-            amqp_url,
+            amqp_url: AmqpUrl(amqp_url),
             downstream_url,
             listen_addr,
             max_attempts,
@@ -432,7 +456,7 @@ mod tests {
     #[test]
     fn defaults_match_the_spec() {
         let c = cfg(&[("DOWNSTREAM_URL", "http://example.test/hook")]).unwrap();
-        assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(&*c.amqp_url, DEFAULT_AMQP_URL);
         assert_eq!(c.listen_addr, "0.0.0.0:8000".parse().unwrap());
         assert_eq!(c.max_attempts, 5);
         assert_eq!(c.backoff_base, Duration::from_millis(1000));
@@ -513,6 +537,7 @@ mod tests {
             ("DOWNSTREAM_SIGNING_SECRET", "whsec_c2lnbmluZy1rZXk="),
             ("GENESYS_CLIENT_ID", "cid"),
             ("GENESYS_CLIENT_SECRET", "gsecret-1"),
+            ("AMQP_URL", "amqp://relay:pw-in-url@broker:5672/%2f"),
         ])
         .unwrap();
         let shown = format!("{c:?}");
@@ -522,8 +547,10 @@ mod tests {
             "dskey-1",
             "c2lnbmluZy1rZXk",
             "gsecret-1",
+            "pw-in-url",
         ] {
             assert!(!shown.contains(secret), "{secret} shown in {shown}");
         }
+        assert!(shown.contains("relay:***@broker"), "{shown}");
     }
 }
