@@ -3,6 +3,7 @@
 
 mod common;
 
+mod bench;
 mod cli;
 mod receive;
 mod topology;
