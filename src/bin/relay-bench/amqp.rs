@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -80,6 +81,25 @@ pub async fn ready_count(channel: &Channel, queue: &str) -> anyhow::Result<u32> 
         .await
         .with_context(|| format!("queue {queue} exists"))?;
     Ok(q.message_count())
+}
+
+/// Ready messages in `queue` once it holds `want`, or what it holds after `within`.
+/// A queue's count can trail its confirms and acks by a moment (quorum queues report
+/// it from the leader's state as applied), so a check that must be exact polls.
+pub async fn settled_count(
+    channel: &Channel,
+    queue: &str,
+    want: u32,
+    within: Duration,
+) -> anyhow::Result<u32> {
+    let deadline = Instant::now() + within;
+    loop {
+        let held = ready_count(channel, queue).await?;
+        if held == want || Instant::now() >= deadline {
+            return Ok(held);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The plain properties of the raw baseline: persistent, with an id and a type.
@@ -183,8 +203,18 @@ pub async fn consume_acking(
         .await?;
     let mut first: Option<Instant> = None;
     let mut refused = 0u64;
+    // Acks in flight while the next deliveries are read: awaiting each ack before taking
+    // the next delivery would measure a round trip per message, not the broker.
+    let mut acks = FuturesUnordered::new();
     while (tally.total() as usize) < count {
-        let delivery = match tokio::time::timeout(idle, consumer.next()).await {
+        let next = tokio::select! {
+            Some(acked) = acks.next() => {
+                acked?;
+                continue;
+            }
+            next = tokio::time::timeout(idle, consumer.next()) => next,
+        };
+        let delivery = match next {
             Err(_) => break, // quiet for `idle`: whatever is missing is not coming
             Ok(None) => bail!("consumer of {queue} ended"),
             Ok(Some(d)) => d?,
@@ -200,10 +230,11 @@ pub async fn consume_acking(
         if !check(&delivery.properties) {
             refused += 1;
         }
-        delivery
-            .acker
-            .ack(BasicAckOptions { multiple: false })
-            .await?;
+        let acker = delivery.acker;
+        acks.push(async move { acker.ack(BasicAckOptions { multiple: false }).await });
+    }
+    while let Some(acked) = acks.next().await {
+        acked?;
     }
     let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
     // Closing the channel returns anything un-acked, so the caller's count is honest.

@@ -38,6 +38,9 @@ use tally::{Tally, event_id};
 const BACKOFF_BASE_MS: u64 = 300_000;
 const BACKOFF_MAX_MS: u64 = 600_000;
 
+/// How long a queue's count may take to show what its confirms and acks already said.
+const SETTLE: Duration = Duration::from_secs(10);
+
 /// Measures webhook-relay against the direct path, a raw lapin publisher and a raw
 /// lapin consumer in the same run, and prints one table.
 #[derive(Debug, Parser)]
@@ -459,7 +462,6 @@ impl Bench {
             let watch = CpuWatch::start();
             let sent = load::run(self.load(direct_mock.url(), &tag_d, round, true, to_mock)).await;
             let seen = watch.finish(n);
-            self.note_broker("1 direct", &seen);
             check_sent("direct", &sent, n)?;
             eprintln!(
                 "  round {round} direct:   {}/s, p50 {:.2} ms, p99 {:.2} ms; {seen}",
@@ -519,8 +521,7 @@ impl Bench {
                 0.30,
                 self.judged(),
                 Some(res),
-            )
-            .with_broker_cpu(self.broker("1 relay"), self.broker("1 direct")),
+            ),
             Row::latency(
                 "1 inline, healthy: p50 / p99, saturated",
                 through.latency(),
@@ -673,7 +674,7 @@ impl Bench {
             .await?;
         let seen = watch.finish(n);
         self.note_broker(key, &seen);
-        let held = amqp::ready_count(&channel, &queue).await?;
+        let held = amqp::settled_count(&channel, &queue, n as u32, SETTLE).await?;
         amqp::delete_queue(&channel, &queue).await?;
         let _ = channel.close(200, "raw publisher done".into()).await;
         ensure!(
@@ -800,7 +801,7 @@ impl Bench {
         )
         .await?;
         let channel = self.amqp.create_channel().await?;
-        let held = amqp::ready_count(&channel, &topology.work).await?;
+        let held = amqp::settled_count(&channel, &topology.work, n as u32, SETTLE).await?;
         let _ = channel.close(200, "counted".into()).await;
         ensure!(
             held as usize == n,
@@ -874,7 +875,7 @@ impl Bench {
                 .iter()
                 .find(|(name, _)| *name == q.name)
                 .map_or(0, |(_, c)| *c);
-            let held = amqp::ready_count(&channel, &q.name).await? as usize;
+            let held = amqp::settled_count(&channel, &q.name, want as u32, SETTLE).await? as usize;
             if held != want {
                 wrong.push(format!("{} holds {held}, expected {want}", q.name));
             }
