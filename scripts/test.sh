@@ -44,3 +44,9 @@ else
 fi
 
 cargo test --locked --all-targets "$@"
+
+# The benchmark's smoke run: correctness only (every event delivered or queued exactly
+# as expected, else non-zero), no timing. Skipped when the caller filters the tests.
+if [ $# -eq 0 ]; then
+  cargo run --locked --quiet --bin relay-bench -- --smoke
+fi

@@ -5,6 +5,7 @@ mod common;
 
 mod admin;
 mod auth;
+mod bench;
 mod cli;
 mod compose;
 mod demo;

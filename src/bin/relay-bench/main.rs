@@ -1,0 +1,959 @@
+//! `relay-bench`: measures the relay against its physical limits in one run, on one
+//! machine: the relay (the built `webhook-relay` binary, as child processes) next to
+//! a load generator hitting the mock downstream directly and a raw lapin publisher
+//! and consumer on quorum queues. Prints one table; every scenario first proves that
+//! each event was delivered or queued exactly as expected.
+
+mod amqp;
+mod load;
+mod mock;
+mod process;
+mod report;
+mod tally;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use axum::http::StatusCode;
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use lapin::{BasicProperties, Connection};
+use webhook_relay::broker::Topology;
+use webhook_relay::config::DEFAULT_AMQP_URL;
+use webhook_relay::envelope::{self, Envelope};
+use webhook_relay::retry::Ladder;
+
+use load::{Expect, Load, Sent};
+use mock::Mock;
+use process::{CpuSeen, CpuWatch, RelayProcess, Usage};
+use report::{Resources, Row, median};
+use tally::{Tally, event_id};
+
+/// Backoff the relay runs with here: the first retry level holds events for 10 min, far
+/// longer than a scenario, so its retried events are all still there to count.
+const BACKOFF_BASE_MS: u64 = 300_000;
+const BACKOFF_MAX_MS: u64 = 600_000;
+
+/// How long a queue's count may take to show what its confirms and acks already said.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// Measures webhook-relay against the direct path, a raw lapin publisher and a raw
+/// lapin consumer in the same run, and prints one table.
+#[derive(Debug, Parser)]
+#[command(name = "relay-bench", about)]
+struct Args {
+    /// Short correctness-only run: small counts, one round, targets not judged. Exits
+    /// non-zero, like a full run, when any event is not delivered or queued exactly as
+    /// expected.
+    #[arg(long)]
+    smoke: bool,
+    /// Events per HTTP scenario (1-3) and round [default: 20000; smoke: 300].
+    #[arg(long)]
+    events: Option<usize>,
+    /// Events pre-filled into P.work per drain (scenario 4) [default: 50000; smoke: 1000].
+    #[arg(long)]
+    drain_events: Option<usize>,
+    /// Rounds of each measurement, relay and baseline alternating; the table shows
+    /// medians, so one round disturbed by a neighbour on the machine does not decide
+    /// [default: 3; smoke: 1].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Rate of the paced latency measurement of scenario 1, events/s (twice what the
+    /// prototype relayed at most).
+    #[arg(long, default_value_t = 2000.0)]
+    paced_rate: f64,
+    /// Events per paced latency measurement and round [default: 5000; smoke: 200].
+    #[arg(long)]
+    paced_events: Option<usize>,
+    /// Request body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Keep-alive connections of the load generator; also the raw publisher's in-flight
+    /// window and the prefetch of the relay's workers and of the raw consumer.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// How the downstream fails in scenario 2.
+    #[arg(long, value_enum, default_value_t = Refusal::Connect)]
+    refuse_with: Refusal,
+    /// The relay binary [default: `webhook-relay` beside this binary, built first when
+    /// run through cargo].
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// The broker.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    amqp_url: String,
+    /// Run only these scenarios, e.g. `--only 2,3`.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=4))]
+    only: Vec<u8>,
+}
+
+/// How the downstream of scenario 2 fails every attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Refusal {
+    /// Connection refused: the downstream is down (a bound port nobody listens on).
+    Connect,
+    /// HTTP 503 from the mock downstream: up, but failing.
+    Status503,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
+    match runtime.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("relay-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the chosen scenarios; `Ok(false)` when any of them failed its checks.
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let relay_bin = relay_binary(args.relay_bin.clone())?;
+    let bench = Bench::new(args, relay_bin).await?;
+    let settings = bench.settings();
+    eprintln!("relay-bench: {settings}");
+    let mut rows = Vec::new();
+    let mut worst_rss: f64 = 0.0;
+    let mut failures = Vec::new();
+    for scenario in 1..=4u8 {
+        if !bench.args.only.is_empty() && !bench.args.only.contains(&scenario) {
+            continue;
+        }
+        let prefix = format!("relay-bench-{}-{scenario}", bench.run);
+        let result = match scenario {
+            1 => bench.inline_healthy(&prefix).await,
+            2 => bench.inline_refusing(&prefix).await,
+            3 => bench.queue_first(&prefix).await,
+            _ => bench.drain(&prefix).await,
+        };
+        bench.teardown(&prefix).await;
+        match result {
+            Ok(new) => {
+                for r in &new {
+                    worst_rss = worst_rss.max(r.rss_mb.unwrap_or(0.0));
+                }
+                rows.extend(new);
+            }
+            Err(e) => {
+                eprintln!("relay-bench: scenario {scenario} FAILED: {e:#}");
+                failures.push(scenario);
+            }
+        }
+    }
+    if worst_rss > 0.0 {
+        rows.push(Row::peak_rss(worst_rss, bench.judged()));
+    }
+    let _ = bench.amqp.close(200, "bench done".into()).await;
+
+    println!("\n{}\n{settings}\n", machine());
+    print!("{}", report::render(&rows));
+    println!(
+        "\nevery event delivered or queued exactly as expected: {}; total time {:.0} s",
+        if failures.is_empty() {
+            "yes".to_owned()
+        } else {
+            format!("NO (scenarios {failures:?} failed, see above)")
+        },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(failures.is_empty())
+}
+
+/// The relay binary: the one given, else `webhook-relay` beside this binary. Run
+/// through cargo, it is (re)built first in this binary's profile, so the benchmark
+/// never measures a stale relay.
+fn relay_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let me = std::env::current_exe().context("locating this binary")?;
+    let path = me.with_file_name(format!("webhook-relay{}", std::env::consts::EXE_SUFFIX));
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bin",
+            "webhook-relay",
+            "--manifest-path",
+        ])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        eprintln!("relay-bench: building webhook-relay");
+        let status = cmd.status().context("running cargo build")?;
+        ensure!(status.success(), "cargo build of webhook-relay failed");
+    }
+    ensure!(
+        path.exists(),
+        "{} not found: build it (cargo build --release) or pass --relay-bin",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A one-line description of the machine, for the table's caption.
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default();
+    format!("machine: {cores} cores, {model}; load average at the end: {load}")
+}
+
+/// Per-round figures of one measured thing.
+#[derive(Debug, Default)]
+struct Rounds {
+    /// Events per second.
+    rate: Vec<f64>,
+    /// Median latency, ms.
+    p50: Vec<f64>,
+    /// 99th percentile latency, ms.
+    p99: Vec<f64>,
+}
+
+impl Rounds {
+    fn push(&mut self, sent: &Sent) {
+        self.rate.push(sent.rate());
+        self.p50.push(sent.latency_ms(0.5));
+        self.p99.push(sent.latency_ms(0.99));
+    }
+    fn rate(&self) -> f64 {
+        median(&self.rate)
+    }
+    fn latency(&self) -> (f64, f64) {
+        (median(&self.p50), median(&self.p99))
+    }
+}
+
+/// Shared state of a run.
+struct Bench {
+    /// The command line.
+    args: Args,
+    /// Events per HTTP scenario and round.
+    events: usize,
+    /// Events pre-filled per drain.
+    drain_events: usize,
+    /// Rounds per measurement.
+    rounds: usize,
+    /// Events per paced latency measurement and round.
+    paced_events: usize,
+    /// The relay binary under test.
+    relay_bin: PathBuf,
+    /// This run's tag: queue prefixes and event ids carry it.
+    run: String,
+    /// The benchmark's own broker connection (baselines, pre-fill, verification).
+    amqp: Connection,
+    /// For readiness polls.
+    http: reqwest::Client,
+    /// Broker CPU s/10k per measurement ("2 relay", "2 raw", ...) and round.
+    broker_cpu: Mutex<HashMap<String, Vec<f64>>>,
+}
+
+impl Bench {
+    async fn new(args: Args, relay_bin: PathBuf) -> anyhow::Result<Self> {
+        ensure!(
+            args.paced_rate.is_finite() && args.paced_rate > 0.0,
+            "--paced-rate must be a positive number of events per second"
+        );
+        ensure!(
+            (1..=usize::from(u16::MAX)).contains(&args.connections),
+            "--connections must be between 1 and 65535 (it is also the prefetch)"
+        );
+        let amqp = amqp::connect(&args.amqp_url).await?;
+        let (events, drain_events, rounds, paced) = if args.smoke {
+            (300, 1_000, 1, 200)
+        } else {
+            (20_000, 50_000, 3, 5_000)
+        };
+        Ok(Self {
+            events: args.events.unwrap_or(events).max(1),
+            drain_events: args.drain_events.unwrap_or(drain_events).max(1),
+            rounds: args.rounds.unwrap_or(rounds).max(1),
+            paced_events: args.paced_events.unwrap_or(paced).max(1),
+            run: format!("{}-{}", std::process::id(), envelope::now_ms() % 100_000),
+            args,
+            relay_bin,
+            amqp,
+            http: reqwest::Client::new(),
+            broker_cpu: Mutex::default(),
+        })
+    }
+
+    fn settings(&self) -> String {
+        format!(
+            "{} events per HTTP scenario and round, {} per drain, {} paced at {}/s, {} round(s), \
+             medians shown; {} B bodies; {} connections = in-flight window = prefetch; \
+             scenario 2 downstream: {}{}",
+            self.events,
+            self.drain_events,
+            self.paced_events,
+            report::thousands(self.args.paced_rate),
+            self.rounds,
+            self.args.size,
+            self.args.connections,
+            match self.args.refuse_with {
+                Refusal::Connect => "connection refused",
+                Refusal::Status503 => "HTTP 503",
+            },
+            if self.args.smoke {
+                "; smoke run: correctness only, targets not judged"
+            } else {
+                ""
+            }
+        )
+    }
+
+    /// Keeps what the broker spent during one round of measurement `key`.
+    fn note_broker(&self, key: &str, seen: &CpuSeen) {
+        if let Some(v) = seen.broker_per_10k {
+            let mut all = self.broker_cpu.lock().expect("not poisoned");
+            all.entry(key.to_owned()).or_default().push(v);
+        }
+    }
+
+    /// The median broker CPU s/10k of measurement `key`, if the broker was watched.
+    fn broker(&self, key: &str) -> Option<f64> {
+        let all = self.broker_cpu.lock().expect("not poisoned");
+        all.get(key).map(|v| median(v))
+    }
+
+    fn judged(&self) -> bool {
+        !self.args.smoke
+    }
+
+    /// How long one load or drain may take before the run counts as failed.
+    fn deadline(&self) -> Duration {
+        Duration::from_secs(if self.args.smoke { 30 } else { 120 })
+    }
+
+    fn topology(prefix: &str) -> Topology {
+        let ladder = Ladder::new(
+            Duration::from_millis(BACKOFF_BASE_MS),
+            Duration::from_millis(BACKOFF_MAX_MS),
+        );
+        Topology::new(prefix, &ladder)
+    }
+
+    /// Starts a relay process for `prefix` and waits until it is ready.
+    async fn start_relay(
+        &self,
+        role: &str,
+        prefix: &str,
+        extra: &[(&'static str, String)],
+    ) -> anyhow::Result<RelayProcess> {
+        let mut env: Vec<(&str, String)> = vec![
+            ("AMQP_URL", self.args.amqp_url.clone()),
+            ("QUEUE_PREFIX", prefix.to_owned()),
+            ("BACKOFF_BASE_MS", BACKOFF_BASE_MS.to_string()),
+            ("BACKOFF_MAX_MS", BACKOFF_MAX_MS.to_string()),
+            ("WORKER_CONCURRENCY", self.args.connections.to_string()),
+        ];
+        env.extend(extra.iter().cloned());
+        let mut relay = RelayProcess::spawn(&self.relay_bin, role, &env)?;
+        relay.wait_ready(&self.http).await?;
+        Ok(relay)
+    }
+
+    /// Round `round`'s load on `url`: events `round * events ..` of `tag`.
+    fn load(&self, url: String, tag: &str, round: usize, id_header: bool, expect: Expect) -> Load {
+        Load {
+            url,
+            first: round * self.events,
+            count: self.events,
+            connections: self.args.connections,
+            size: self.args.size,
+            tag: tag.to_owned(),
+            id_header,
+            expect,
+            deadline: self.deadline(),
+            pace: None,
+        }
+    }
+
+    /// Round `round`'s paced load on `url`: `paced_events` at `paced_rate`, ids after
+    /// every round's saturating load.
+    fn paced(&self, url: String, tag: &str, round: usize, id_header: bool, expect: Expect) -> Load {
+        Load {
+            first: self.rounds * self.events + round * self.paced_events,
+            count: self.paced_events,
+            pace: Some(self.args.paced_rate),
+            ..self.load(url, tag, round, id_header, expect)
+        }
+    }
+
+    /// One measured round of the relay receiving: load on its receive endpoint, with its
+    /// CPU and the machine's watched.
+    async fn relay_round(
+        &self,
+        relay: &RelayProcess,
+        key: &str,
+        tag: &str,
+        round: usize,
+        expect: Expect,
+        cpu: &mut Vec<(Usage, Usage)>,
+    ) -> anyhow::Result<Sent> {
+        let before = relay.sample()?;
+        let watch = CpuWatch::start();
+        let sent =
+            load::run(self.load(relay.url("/webhook/receive"), tag, round, false, expect)).await;
+        let seen = watch.finish(self.events);
+        self.note_broker(key, &seen);
+        cpu.push((before, relay.sample()?));
+        check_sent("relay", &sent, self.events)?;
+        eprintln!(
+            "  round {round} relay:    {}/s, p50 {:.2} ms, p99 {:.2} ms; {seen}",
+            report::thousands(sent.rate()),
+            sent.latency_ms(0.5),
+            sent.latency_ms(0.99)
+        );
+        Ok(sent)
+    }
+
+    /// Scenario 1: inline delivery to a healthy downstream, against the load generator
+    /// hitting the mock downstream directly.
+    async fn inline_healthy(&self, prefix: &str) -> anyhow::Result<Vec<Row>> {
+        eprintln!("scenario 1: inline, downstream healthy");
+        let n = self.events;
+        let ids = (n + self.paced_events) * self.rounds;
+        let (tag_d, tag) = (format!("{prefix}d"), format!("{prefix}r"));
+        let direct_mock = Mock::start(StatusCode::OK, &tag_d, ids).await?;
+        let relay_mock = Mock::start(StatusCode::OK, &tag, ids).await?;
+        let relay = self
+            .start_relay(
+                "receiver",
+                prefix,
+                &[
+                    ("DOWNSTREAM_URL", relay_mock.url()),
+                    ("INLINE_DELIVERY", "true".into()),
+                ],
+            )
+            .await?;
+        let to_mock = Expect {
+            status: 200,
+            word: None,
+        };
+        let delivered = Expect {
+            status: 200,
+            word: Some("delivered"),
+        };
+        let (mut direct, mut through, mut cpu) = (Rounds::default(), Rounds::default(), vec![]);
+        let (mut direct_paced, mut through_paced) = (Rounds::default(), Rounds::default());
+        for round in 0..self.rounds {
+            let watch = CpuWatch::start();
+            let sent = load::run(self.load(direct_mock.url(), &tag_d, round, true, to_mock)).await;
+            let seen = watch.finish(n);
+            check_sent("direct", &sent, n)?;
+            eprintln!(
+                "  round {round} direct:   {}/s, p50 {:.2} ms, p99 {:.2} ms; {seen}",
+                report::thousands(sent.rate()),
+                sent.latency_ms(0.5),
+                sent.latency_ms(0.99)
+            );
+            direct.push(&sent);
+            through.push(
+                &self
+                    .relay_round(&relay, "1 relay", &tag, round, delivered, &mut cpu)
+                    .await?,
+            );
+            for (what, url, tag, id_header, expect, into) in [
+                (
+                    "direct",
+                    direct_mock.url(),
+                    &tag_d,
+                    true,
+                    to_mock,
+                    &mut direct_paced,
+                ),
+                (
+                    "relay",
+                    relay.url("/webhook/receive"),
+                    &tag,
+                    false,
+                    delivered,
+                    &mut through_paced,
+                ),
+            ] {
+                let sent = load::run(self.paced(url, tag, round, id_header, expect)).await;
+                check_sent(what, &sent, self.paced_events)?;
+                eprintln!(
+                    "  round {round} {what} paced at {}/s: p50 {:.2} ms, p99 {:.2} ms (p90 {:.2} p95 {:.2} p999 {:.2})",
+                    report::thousands(self.args.paced_rate),
+                    sent.latency_ms(0.5),
+                    sent.latency_ms(0.99),
+                    sent.latency_ms(0.90),
+                    sent.latency_ms(0.95),
+                    sent.latency_ms(0.999)
+                );
+                into.push(&sent);
+            }
+        }
+        relay.stop(Duration::from_secs(15)).await?;
+        check_tally("direct: downstream", direct_mock.tally())?;
+        check_tally("relay: downstream", relay_mock.tally())?;
+        self.expect_counts(prefix, &[]).await?;
+        let res = Resources::from_samples(&cpu, n * self.rounds);
+        Ok(vec![
+            Row::rate(
+                "1 inline, downstream healthy",
+                through.rate(),
+                direct.rate(),
+                "direct",
+                0.30,
+                self.judged(),
+                Some(res),
+            ),
+            Row::latency(
+                "1 inline, healthy: p50 / p99, saturated",
+                through.latency(),
+                direct.latency(),
+                2.0,
+                self.judged(),
+            ),
+            Row::latency(
+                &format!(
+                    "1 inline, healthy: p50 / p99 at {}/s",
+                    report::thousands(self.args.paced_rate)
+                ),
+                through_paced.latency(),
+                direct_paced.latency(),
+                2.0,
+                self.judged(),
+            ),
+        ])
+    }
+
+    /// Scenario 2: inline delivery to a downstream that fails every attempt, so every
+    /// event is published to the first retry level, against the raw confirmed publisher.
+    async fn inline_refusing(&self, prefix: &str) -> anyhow::Result<Vec<Row>> {
+        eprintln!("scenario 2: inline, downstream refusing");
+        let total = self.events * self.rounds;
+        let tag = format!("{prefix}r");
+        // Either a port bound without listening (connections are refused, and nobody
+        // else can take the port meanwhile) or the mock answering 503.
+        let (mock, _refusing_socket, url) = match self.args.refuse_with {
+            Refusal::Connect => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(([127, 0, 0, 1], 0).into())?;
+                let url = format!("http://{}/hook", socket.local_addr()?);
+                (None, Some(socket), url)
+            }
+            Refusal::Status503 => {
+                let mock = Mock::start(StatusCode::SERVICE_UNAVAILABLE, &tag, total).await?;
+                let url = mock.url();
+                (Some(mock), None, url)
+            }
+        };
+        let relay = self
+            .start_relay(
+                "receiver",
+                prefix,
+                &[("DOWNSTREAM_URL", url), ("INLINE_DELIVERY", "true".into())],
+            )
+            .await?;
+        let (mut raw, mut through, mut cpu) = (vec![], Rounds::default(), vec![]);
+        for round in 0..self.rounds {
+            raw.push(self.raw_publisher("2 raw", prefix, round).await?);
+            let expect = Expect {
+                status: 202,
+                word: Some("queued_for_retry"),
+            };
+            through.push(
+                &self
+                    .relay_round(&relay, "2 relay", &tag, round, expect, &mut cpu)
+                    .await?,
+            );
+        }
+        relay.stop(Duration::from_secs(15)).await?;
+        if let Some(mock) = &mock {
+            check_tally("relay: downstream (one attempt each)", mock.tally())?;
+        }
+        let level1 = Self::topology(prefix).retry[0].name.clone();
+        self.expect_counts(prefix, &[(level1.as_str(), total)])
+            .await?;
+        let refusal = self.args.refuse_with;
+        self.verify_queued(&tag, &level1, move |p| {
+            amqp::header_u64(p, envelope::H_ATTEMPTS) == Some(1)
+                && match refusal {
+                    Refusal::Connect => amqp::header_text(p, envelope::H_LAST_ERROR)
+                        .is_some_and(|e| e.starts_with("connection failed")),
+                    Refusal::Status503 => amqp::header_u64(p, envelope::H_LAST_STATUS) == Some(503),
+                }
+        })
+        .await?;
+        Ok(vec![
+            Row::rate(
+                "2 inline, downstream refusing",
+                through.rate(),
+                median(&raw),
+                "raw publisher",
+                0.70,
+                self.judged(),
+                Some(Resources::from_samples(&cpu, total)),
+            )
+            .with_broker_cpu(self.broker("2 relay"), self.broker("2 raw")),
+        ])
+    }
+
+    /// Scenario 3: queue-first intake (`INLINE_DELIVERY=false`) against the raw publisher.
+    async fn queue_first(&self, prefix: &str) -> anyhow::Result<Vec<Row>> {
+        eprintln!("scenario 3: queue-first ingest");
+        let total = self.events * self.rounds;
+        let tag = format!("{prefix}r");
+        let relay = self
+            .start_relay("receiver", prefix, &[("INLINE_DELIVERY", "false".into())])
+            .await?;
+        let (mut raw, mut through, mut cpu) = (vec![], Rounds::default(), vec![]);
+        for round in 0..self.rounds {
+            raw.push(self.raw_publisher("3 raw", prefix, round).await?);
+            let expect = Expect {
+                status: 202,
+                word: Some("queued"),
+            };
+            through.push(
+                &self
+                    .relay_round(&relay, "3 relay", &tag, round, expect, &mut cpu)
+                    .await?,
+            );
+        }
+        relay.stop(Duration::from_secs(15)).await?;
+        let work = Self::topology(prefix).work;
+        self.expect_counts(prefix, &[(work.as_str(), total)])
+            .await?;
+        self.verify_queued(&tag, &work, |p| {
+            amqp::header_u64(p, envelope::H_ATTEMPTS) == Some(0)
+        })
+        .await?;
+        Ok(vec![
+            Row::rate(
+                "3 queue-first ingest",
+                through.rate(),
+                median(&raw),
+                "raw publisher",
+                0.70,
+                self.judged(),
+                Some(Resources::from_samples(&cpu, total)),
+            )
+            .with_broker_cpu(self.broker("3 relay"), self.broker("3 raw")),
+        ])
+    }
+
+    /// The raw lapin publisher: persistent, mandatory, confirmed publishes of the same
+    /// bodies to a quorum queue with the load generator's in-flight window. Events/s.
+    async fn raw_publisher(&self, key: &str, prefix: &str, round: usize) -> anyhow::Result<f64> {
+        let n = self.events;
+        let queue = format!("{prefix}.bench-raw");
+        let channel = self.amqp.create_channel().await?;
+        amqp::declare_quorum(&channel, &queue).await?;
+        let (tag, size) = (format!("{prefix}p{round}"), self.args.size);
+        let watch = CpuWatch::start();
+        let elapsed =
+            amqp::publish_confirmed(&self.amqp, "", &queue, n, self.args.connections, move |i| {
+                let id = event_id(&tag, i);
+                (load::event_body(&id, size), amqp::raw_properties(&id))
+            })
+            .await?;
+        let seen = watch.finish(n);
+        self.note_broker(key, &seen);
+        let held = amqp::settled_count(&channel, &queue, n as u32, SETTLE).await?;
+        amqp::delete_queue(&channel, &queue).await?;
+        let _ = channel.close(200, "raw publisher done".into()).await;
+        ensure!(
+            held as usize == n,
+            "raw publisher: queue holds {held}, expected {n}"
+        );
+        let rate = n as f64 / elapsed.as_secs_f64().max(1e-9);
+        eprintln!(
+            "  round {round} raw publisher: {}/s; {seen}",
+            report::thousands(rate)
+        );
+        Ok(rate)
+    }
+
+    /// Scenario 4: worker drain of a pre-filled `P.work` with one and with three
+    /// worker processes, against the raw consumer acking the same queue.
+    async fn drain(&self, prefix: &str) -> anyhow::Result<Vec<Row>> {
+        eprintln!("scenario 4: worker drain");
+        let topology = Self::topology(prefix);
+        let channel = self.amqp.create_channel().await?;
+        topology.declare(&channel).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        let (mut raw, mut one, mut three) = (vec![], vec![], vec![]);
+        let (mut one_cpu, mut three_cpu) = (vec![], vec![]);
+        for round in 0..self.rounds {
+            raw.push(self.raw_consumer(prefix, &topology, round).await?);
+            one.push(
+                self.drain_with(prefix, &topology, round, 1, &mut one_cpu)
+                    .await?,
+            );
+            three.push(
+                self.drain_with(prefix, &topology, round, 3, &mut three_cpu)
+                    .await?,
+            );
+        }
+        let total = self.drain_events * self.rounds;
+        let one = median(&one);
+        Ok(vec![
+            Row::rate(
+                "4 worker drain, 1 worker",
+                one,
+                median(&raw),
+                "raw consumer",
+                0.60,
+                self.judged(),
+                Some(Resources::from_samples(&one_cpu, total)),
+            )
+            .with_broker_cpu(self.broker("4 w1"), self.broker("4 raw")),
+            Row::rate(
+                "4 worker drain, 3 workers",
+                median(&three),
+                one,
+                "1 worker",
+                1.00,
+                self.judged(),
+                Some(Resources::from_samples(&three_cpu, total)),
+            )
+            .with_broker_cpu(self.broker("4 w3"), self.broker("4 w1")),
+        ])
+    }
+
+    /// The physical limit of a drain: a raw lapin consumer with the workers' prefetch,
+    /// delivering and acking, nothing else. Events/s.
+    async fn raw_consumer(
+        &self,
+        prefix: &str,
+        topology: &Topology,
+        round: usize,
+    ) -> anyhow::Result<f64> {
+        let n = self.drain_events;
+        let tag = format!("{prefix}c{round}");
+        self.prefill(topology, &tag).await?;
+        let tally = Tally::new(&tag, n);
+        let watch = CpuWatch::start();
+        let (elapsed, _) = amqp::consume_acking(
+            &self.amqp,
+            &topology.work,
+            self.args.connections as u16,
+            n,
+            &tally,
+            Duration::from_secs(10),
+            |_| true,
+        )
+        .await?;
+        let seen = watch.finish(n);
+        self.note_broker("4 raw", &seen);
+        check_tally("raw consumer", &tally)?;
+        self.expect_counts(prefix, &[]).await?;
+        let rate = n as f64 / elapsed.as_secs_f64().max(1e-9);
+        eprintln!(
+            "  round {round} raw consumer: {}/s; {seen}",
+            report::thousands(rate)
+        );
+        Ok(rate)
+    }
+
+    /// Pre-fills `P.work` with `drain_events` events as the receiver would have queued
+    /// them (the relay's own envelope), then checks the queue holds them all.
+    async fn prefill(&self, topology: &Topology, tag: &str) -> anyhow::Result<()> {
+        let n = self.drain_events;
+        let (tag, size) = (tag.to_owned(), self.args.size);
+        amqp::publish_confirmed(
+            &self.amqp,
+            &topology.work,
+            &topology.work,
+            n,
+            256, // as fast as the broker takes them; not measured
+            move |i| {
+                let id = event_id(&tag, i);
+                let body = load::event_body(&id, size);
+                let event = Envelope::received(
+                    id,
+                    "bench".into(),
+                    Some("application/json"),
+                    vec![
+                        ("content-type".into(), b"application/json".to_vec()),
+                        ("user-agent".into(), b"relay-bench".to_vec()),
+                    ],
+                    Bytes::from(body),
+                );
+                let properties = event.properties();
+                (event.body.to_vec(), properties)
+            },
+        )
+        .await?;
+        let channel = self.amqp.create_channel().await?;
+        let held = amqp::settled_count(&channel, &topology.work, n as u32, SETTLE).await?;
+        let _ = channel.close(200, "counted".into()).await;
+        ensure!(
+            held as usize == n,
+            "pre-fill: work holds {held}, expected {n}"
+        );
+        Ok(())
+    }
+
+    /// Pre-fills `P.work`, lets `workers` worker processes drain it into a healthy mock
+    /// downstream, stops them gracefully, and checks every event arrived exactly once and
+    /// nothing is left. Returns events/s from the first to the last downstream request.
+    async fn drain_with(
+        &self,
+        prefix: &str,
+        topology: &Topology,
+        round: usize,
+        workers: usize,
+        cpu: &mut Vec<(Usage, Usage)>,
+    ) -> anyhow::Result<f64> {
+        let n = self.drain_events;
+        let tag = format!("{prefix}w{workers}r{round}");
+        self.prefill(topology, &tag).await?;
+        let mock = Mock::start(StatusCode::OK, &tag, n).await?;
+        let watch = CpuWatch::start();
+        let mut procs = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            procs.push(
+                self.start_relay("worker", prefix, &[("DOWNSTREAM_URL", mock.url())])
+                    .await?,
+            );
+        }
+        // Consuming starts as soon as a worker connects, so CPU counts from its start.
+        let deadline = Instant::now() + self.deadline();
+        while (mock.tally().total() as usize) < n {
+            if Instant::now() > deadline {
+                bail!(
+                    "{workers} worker(s): {} of {n} delivered within {:?}:\n{}",
+                    mock.tally().total(),
+                    self.deadline(),
+                    procs[0].log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let span = mock.active_span().unwrap_or_default();
+        let seen = watch.finish(n);
+        self.note_broker(&format!("4 w{workers}"), &seen);
+        for p in &procs {
+            cpu.push((Usage::default(), p.sample()?));
+        }
+        for p in procs {
+            p.stop(Duration::from_secs(15)).await?;
+        }
+        check_tally(&format!("{workers} worker(s): downstream"), mock.tally())?;
+        self.expect_counts(prefix, &[]).await?;
+        let rate = n as f64 / span.as_secs_f64().max(1e-9);
+        eprintln!(
+            "  round {round} {workers} worker(s): {}/s; {seen}",
+            report::thousands(rate)
+        );
+        Ok(rate)
+    }
+
+    /// Checks every queue of `prefix`'s topology holds what `expected` says (by name),
+    /// and every other queue nothing.
+    async fn expect_counts(&self, prefix: &str, expected: &[(&str, usize)]) -> anyhow::Result<()> {
+        let channel = self.amqp.create_channel().await?;
+        let mut wrong = Vec::new();
+        for q in Self::topology(prefix).queues() {
+            let want = expected
+                .iter()
+                .find(|(name, _)| *name == q.name)
+                .map_or(0, |(_, c)| *c);
+            let held = amqp::settled_count(&channel, &q.name, want as u32, SETTLE).await? as usize;
+            if held != want {
+                wrong.push(format!("{} holds {held}, expected {want}", q.name));
+            }
+        }
+        let _ = channel.close(200, "counted".into()).await;
+        ensure!(wrong.is_empty(), "queue counts: {}", wrong.join("; "));
+        Ok(())
+    }
+
+    /// Reads `queue` back: every event of `tag` (all rounds) exactly once, each one
+    /// passing `check`.
+    async fn verify_queued(
+        &self,
+        tag: &str,
+        queue: &str,
+        check: impl Fn(&BasicProperties) -> bool,
+    ) -> anyhow::Result<()> {
+        let total = self.events * self.rounds;
+        let tally = Tally::new(tag, total);
+        let (_, refused) = amqp::consume_acking(
+            &self.amqp,
+            queue,
+            1000,
+            total,
+            &tally,
+            Duration::from_secs(5),
+            check,
+        )
+        .await?;
+        check_tally(&format!("{queue} read back"), &tally)?;
+        ensure!(
+            refused == 0,
+            "{queue}: {refused} messages without the expected attempt headers"
+        );
+        Ok(())
+    }
+
+    /// Deletes everything the scenario declared (the relay's topology and the raw
+    /// baseline's queue), whatever state the scenario ended in.
+    async fn teardown(&self, prefix: &str) {
+        let topology = Self::topology(prefix);
+        let mut names: Vec<String> = topology.queues().into_iter().map(|q| q.name).collect();
+        names.push(format!("{prefix}.bench-raw"));
+        for name in names {
+            // A fresh channel each time: a failed delete closes its channel.
+            if let Ok(ch) = self.amqp.create_channel().await {
+                let _ = amqp::delete_queue(&ch, &name).await;
+                let _ = ch.close(200, "teardown".into()).await;
+            }
+        }
+        if let Ok(ch) = self.amqp.create_channel().await {
+            let _ = ch
+                .exchange_delete(
+                    topology.work.as_str().into(),
+                    lapin::options::ExchangeDeleteOptions {
+                        if_unused: false,
+                        nowait: false,
+                    },
+                )
+                .await;
+            let _ = ch.close(200, "teardown".into()).await;
+        }
+    }
+}
+
+fn check_sent(what: &str, sent: &Sent, n: usize) -> anyhow::Result<()> {
+    ensure!(
+        sent.ok == n && sent.wrong == 0,
+        "{what}: {} of {n} answered as expected, {} wrong; first: {:?}",
+        sent.ok,
+        sent.wrong,
+        sent.samples
+    );
+    Ok(())
+}
+
+fn check_tally(what: &str, tally: &Tally) -> anyhow::Result<()> {
+    let m = tally.mismatch();
+    ensure!(m.is_exact(), "{what}: {m}");
+    Ok(())
+}
