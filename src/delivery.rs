@@ -21,21 +21,9 @@ pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
 /// Standard Webhooks: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
 pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
 
-/// Headers `DOWNSTREAM_HEADERS` may not set: the ones describing the hop, and the
-/// ones the relay itself owns on every delivery.
+/// Headers the relay itself sets on every delivery; with `event::HOP_HEADERS`, what
+/// `DOWNSTREAM_HEADERS` may not set.
 const RESERVED: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "expect",
-    "host",
-    "content-length",
     "content-type",
     IDEMPOTENCY_KEY,
     RELAY_ATTEMPT,
@@ -54,7 +42,9 @@ pub fn parse_static_headers(text: &str) -> Result<Vec<(HeaderName, HeaderValue)>
     for (name, value) in map {
         let header = HeaderName::from_bytes(name.trim().as_bytes())
             .map_err(|_| format!("{name:?} is not a valid header name"))?;
-        if RESERVED.contains(&header.as_str()) {
+        if RESERVED.contains(&header.as_str())
+            || crate::event::HOP_HEADERS.contains(&header.as_str())
+        {
             return Err(format!(
                 "{name:?} is set by the relay itself and cannot be configured"
             ));

@@ -28,7 +28,7 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, PublisherConfirm};
@@ -457,19 +457,7 @@ impl Dlq {
     }
 
     async fn count_on(&self, ch: &Channel) -> Result<u64, DlqError> {
-        let declared = ch
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true, // never create the DLQ from a tool; report it missing
-                    durable: true,
-                    exclusive: false,
-                    auto_delete: false,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
-            .await;
+        let declared = crate::broker::topology::peek(ch, &self.queue).await;
         match declared {
             Ok(q) => Ok(u64::from(q.message_count())),
             Err(e) if is_not_found(&e) => Err(DlqError::MissingQueue(self.queue.clone())),

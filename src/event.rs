@@ -88,8 +88,9 @@ fn usable_name(s: &str) -> Option<String> {
     Some(cleaned[..end].to_owned())
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and others that describe this hop only.
-const NOT_FORWARDED: &[&str] = &[
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and others that describe one hop only: never
+/// carried from the inbound request, never settable as a static outbound header.
+pub const HOP_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-authenticate",
@@ -102,6 +103,10 @@ const NOT_FORWARDED: &[&str] = &[
     "expect",
     "host",
     "content-length",
+];
+
+/// Inbound headers beyond the hop headers that stay behind.
+const NOT_FORWARDED: &[&str] = &[
     // inbound credentials
     "authorization",
     HUB_SIGNATURE,
@@ -131,7 +136,8 @@ pub fn forwarded_headers(
         .iter()
         .filter(|(name, _)| {
             let n = name.as_str();
-            !NOT_FORWARDED.contains(&n)
+            !HOP_HEADERS.contains(&n)
+                && !NOT_FORWARDED.contains(&n)
                 && Some(*name) != token_header
                 && !named_by_connection.iter().any(|c| c == n)
         })

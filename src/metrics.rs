@@ -5,8 +5,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
@@ -228,19 +226,7 @@ pub async fn refresh_queue_depths(relay: Arc<Relay>, cancel: CancellationToken) 
             continue;
         };
         for (name, kind) in &queues {
-            let declared = channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true, // read the count; never create or change the queue
-                        durable: true,
-                        exclusive: false,
-                        auto_delete: false,
-                        nowait: false,
-                    },
-                    FieldTable::default(),
-                )
-                .await;
+            let declared = crate::broker::topology::peek(channel, name).await;
             match declared {
                 Ok(q) => {
                     gauge!(QUEUE_DEPTH, "queue" => name.clone(), "kind" => *kind)

@@ -1,8 +1,6 @@
 //! Queue depths of the topology over plain AMQP (passive declares), for
 //! `topology status` and the demo script: no management plugin needed.
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
 
@@ -76,20 +74,7 @@ async fn read_depths(
     let mut out = Vec::new();
     for q in topology.queues() {
         let kind = kind_of(topology, &q.name);
-        let declared = channel
-            .queue_declare(
-                q.name.as_str().into(),
-                QueueDeclareOptions {
-                    // Only look: never create a queue with the wrong arguments.
-                    passive: true,
-                    durable: true,
-                    exclusive: false,
-                    auto_delete: false,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
-            .await;
+        let declared = super::topology::peek(&channel, &q.name).await;
         let (messages, consumers) = match declared {
             Ok(info) => (Some(info.message_count()), Some(info.consumer_count())),
             Err(_) if connection.status().connected() => {

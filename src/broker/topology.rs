@@ -214,6 +214,24 @@ impl Topology {
     }
 }
 
+/// Looks at a queue without creating or changing it (a passive declare): its message
+/// and consumer counts. A missing queue fails with NOT_FOUND, which closes the channel.
+pub async fn peek(channel: &Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true, // read only: never create a queue with the wrong arguments
+                durable: true,
+                exclusive: false,
+                auto_delete: false,
+                nowait: false,
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// `2s`, `40ms`, `1h`, `2048s`: the shortest exact unit, so names stay short and sort
 /// with the ladder index in front.
 pub fn human_delay(d: Duration) -> String {

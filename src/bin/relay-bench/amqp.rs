@@ -66,18 +66,7 @@ pub async fn delete_queue(channel: &Channel, name: &str) -> anyhow::Result<()> {
 
 /// Ready messages in `queue` (passive declare).
 pub async fn ready_count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                durable: true,
-                exclusive: false,
-                auto_delete: false,
-                nowait: false,
-            },
-            FieldTable::default(),
-        )
+    let q = webhook_relay::broker::topology::peek(channel, queue)
         .await
         .with_context(|| format!("queue {queue} exists"))?;
     Ok(q.message_count())

@@ -15,8 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -214,18 +212,7 @@ impl Inspector {
 
     /// Ready messages in `queue` (passive declare; fails if the queue does not exist).
     pub async fn count(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    durable: true,
-                    exclusive: false,
-                    auto_delete: false,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
+        webhook_relay::broker::topology::peek(&self.channel, queue)
             .await
             .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"))
             .message_count()
