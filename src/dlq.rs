@@ -31,7 +31,7 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Connection, Consumer, PublisherConfirm};
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -986,7 +986,7 @@ impl Walk<'_> {
         };
         let confirmed = match tokio::time::timeout(self.dlq.publish_timeout, p.confirm).await {
             Err(_) => Err(PublishError::Timeout(self.dlq.publish_timeout)),
-            Ok(c) => confirmation(c),
+            Ok(c) => crate::broker::read_confirmation(c),
         };
         self.settle(p.delivery_tag, p.moved, &p.id, &p.webhook, confirmed)
             .await;
@@ -1000,8 +1000,14 @@ impl Walk<'_> {
                 break;
             };
             let p = self.pending.pop_front().expect("front exists");
-            self.settle(p.delivery_tag, p.moved, &p.id, &p.webhook, confirmation(c))
-                .await;
+            self.settle(
+                p.delivery_tag,
+                p.moved,
+                &p.id,
+                &p.webhook,
+                crate::broker::read_confirmation(c),
+            )
+            .await;
         }
     }
 
@@ -1053,21 +1059,6 @@ impl Walk<'_> {
         if self.tally.stopped.is_none() {
             self.tally.stopped = Some(format!("publish failed: {e}"));
         }
-    }
-}
-
-/// A publisher confirm read the way the broker module reads it: an ack carrying a
-/// returned (unroutable) message is a failure.
-fn confirmation(c: Result<Confirmation, lapin::Error>) -> Result<(), PublishError> {
-    match c {
-        Err(e) => Err(PublishError::Broker(e)),
-        Ok(Confirmation::Ack(None)) => Ok(()),
-        Ok(Confirmation::Ack(Some(returned))) => Err(PublishError::Unroutable {
-            code: returned.reply_code,
-            text: returned.reply_text.to_string(),
-        }),
-        Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked),
-        Ok(Confirmation::NotRequested) => Err(PublishError::NotConfirmMode),
     }
 }
 

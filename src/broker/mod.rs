@@ -72,6 +72,21 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
 }
 
+/// Reads a publisher confirm: only a plain ack means stored. An ack that carries a
+/// returned (unroutable) message is a failure, like a nack.
+pub fn read_confirmation(c: Result<Confirmation, lapin::Error>) -> Result<(), PublishError> {
+    match c {
+        Err(e) => Err(PublishError::Broker(e)),
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) => Err(PublishError::Unroutable {
+            code: returned.reply_code,
+            text: returned.reply_text.to_string(),
+        }),
+        Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked),
+        Ok(Confirmation::NotRequested) => Err(PublishError::NotConfirmMode),
+    }
+}
+
 impl PublishError {
     /// Whether the failure is the broker connection going away, which the supervisor
     /// already reports once; callers log these quietly instead of once per event.
@@ -238,14 +253,7 @@ impl Broker {
         };
         let result = match tokio::time::timeout(self.inner.publish_timeout, publish).await {
             Err(_) => Err(PublishError::Timeout(self.inner.publish_timeout)),
-            Ok(Err(e)) => Err(PublishError::Broker(e)),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(PublishError::Unroutable {
-                code: returned.reply_code,
-                text: returned.reply_text.to_string(),
-            }),
-            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::NotConfirmMode),
+            Ok(confirm) => read_confirmation(confirm),
         };
         crate::metrics::publish_confirmed(target, &result, started.elapsed());
         match &result {
