@@ -111,8 +111,8 @@ impl App {
         let worker = role
             .works()
             .then(|| tokio::spawn(crate::worker::run(relay.clone(), cancel.clone())));
-        let depths = tokio::spawn(crate::metrics::refresh_queue_depths(
-            relay.clone(),
+        let depths = tokio::spawn(crate::broker::depths::refresh(
+            relay.broker.clone(),
             cancel.clone(),
         ));
 
@@ -121,18 +121,25 @@ impl App {
             grace_ms = grace.as_millis() as u64,
             "stopping: no new intake, finishing in-flight work"
         );
+        // Every step has a deadline, so the process exits within the grace plus the
+        // broker's close deadlines even when the broker is blocked or silent.
+        let deadline = tokio::time::Instant::now() + grace;
         // Requests in flight finish (they settle their event or answer 503) within the grace.
-        match tokio::time::timeout(grace, server).await {
+        match tokio::time::timeout_at(deadline, server).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
             Err(_) => tracing::warn!("HTTP requests still open after the grace; closing them"),
         }
         if let Some(worker) = worker {
-            let _ = worker.await;
+            // The worker bounds its own wait by the grace; this bounds anything else.
+            let _ = tokio::time::timeout_at(deadline + STOP_MARGIN, worker).await;
         }
-        let _ = depths.await;
+        depths.abort();
         relay.broker.close().await;
         tracing::info!("stopped");
         Ok(())
     }
 }
+
+/// Slack past the grace for the worker's own wind-down (its cancel and tracker).
+const STOP_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);

@@ -280,7 +280,7 @@ impl Config {
         )?;
         let shutdown_grace_ms: u64 = number("SHUTDOWN_GRACE_MS", raw.shutdown_grace_ms, 10_000)?;
         let publish_timeout_ms: u64 =
-            positive("PUBLISH_TIMEOUT_MS", raw.publish_timeout_ms, 5_000)?;
+            positive("PUBLISH_TIMEOUT_MS", raw.publish_timeout_ms, 2_500)?;
         if publish_timeout_ms > MAX_PUBLISH_TIMEOUT_MS {
             return Err(ConfigError::new(
                 "PUBLISH_TIMEOUT_MS",
@@ -470,7 +470,7 @@ mod tests {
         assert_eq!(c.request_timeout, Duration::from_millis(15_000));
         assert!(c.downstream_headers.is_empty() && c.downstream_signing.is_none());
         assert_eq!(c.shutdown_grace, Duration::from_millis(10_000));
-        assert_eq!(c.publish_timeout, Duration::from_millis(5_000));
+        assert_eq!(c.publish_timeout, Duration::from_millis(2_500));
         assert_eq!(c.log_format, LogFormat::Text);
     }
 

@@ -2,21 +2,13 @@
 //! relay makes at its decision points, the `/metrics` text, and the background task
 //! that keeps queue depths fresh without a broker round-trip per scrape.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio_util::sync::CancellationToken;
-
-use crate::broker::{PublishError, Session, Target};
-use crate::delivery::Outcome;
-use crate::relay::Relay;
-
-/// How often queue depths are read from the broker (and the recorder's upkeep runs).
-pub const DEPTH_REFRESH: Duration = Duration::from_secs(5);
 
 /// Requests answered by the receive endpoints, by `endpoint`, `code` and `answer`.
 pub const EVENTS_RECEIVED: &str = "webhook_relay_events_received_total";
@@ -38,6 +30,13 @@ pub const PUBLISH_CONFIRM: &str = "webhook_relay_publish_confirm_seconds";
 pub const QUEUE_DEPTH: &str = "webhook_relay_queue_depth";
 /// 1 while the broker session is usable, else 0.
 pub const BROKER_UP: &str = "webhook_relay_broker_up";
+/// 1 while the broker blocks the relay's publishing connection (memory or disk alarm).
+pub const BROKER_BLOCKED: &str = "webhook_relay_broker_blocked";
+/// Outcome publishes a worker had to try again (nacked, timed out, broker blocking).
+pub const SETTLE_RETRIES: &str = "webhook_relay_settle_retries_total";
+/// Acks or rejects that failed (the delivery's channel was gone): the broker
+/// redelivers those events.
+pub const ACK_FAILURES: &str = "webhook_relay_ack_failures_total";
 
 /// Histogram buckets (seconds): from a fast local confirm to a slow downstream.
 const BUCKETS: &[f64] = &[
@@ -104,12 +103,51 @@ fn describe() {
         BROKER_UP,
         "1 while the broker connection is usable, else 0."
     );
+    describe_gauge!(
+        BROKER_BLOCKED,
+        "1 while the broker blocks the relay's publishing connection (memory or disk alarm)."
+    );
+    describe_counter!(
+        SETTLE_RETRIES,
+        "Outcome publishes a worker tried again after a nack, a timeout or a broker block."
+    );
+    describe_counter!(
+        ACK_FAILURES,
+        "Acks or rejects that failed because the delivery's channel was gone (the event is redelivered)."
+    );
 }
 
 /// The `/metrics` body, in Prometheus text format.
-pub fn render(relay: &Relay) -> String {
-    gauge!(BROKER_UP).set(if relay.broker.is_ready() { 1.0 } else { 0.0 });
+pub fn render() -> String {
     install().map(PrometheusHandle::render).unwrap_or_default()
+}
+
+/// The recorder's periodic upkeep (keeps histogram memory bounded between scrapes).
+pub fn upkeep() {
+    if let Some(h) = install() {
+        h.run_upkeep();
+    }
+}
+
+/// The broker session is usable (`up`) and the broker is (not) blocking publishers.
+pub fn broker_state(up: bool, blocked: bool) {
+    gauge!(BROKER_UP).set(if up { 1.0 } else { 0.0 });
+    gauge!(BROKER_BLOCKED).set(if blocked { 1.0 } else { 0.0 });
+}
+
+/// `queue` (of `kind` work, retry or dlq) holds `ready` messages.
+pub fn queue_depth(queue: &str, kind: &'static str, ready: u32) {
+    gauge!(QUEUE_DEPTH, "queue" => queue.to_owned(), "kind" => kind).set(f64::from(ready));
+}
+
+/// A worker tries an outcome publish again.
+pub fn settle_retried() {
+    counter!(SETTLE_RETRIES).increment(1);
+}
+
+/// An ack or reject failed; the broker will redeliver the event.
+pub fn ack_failed() {
+    counter!(ACK_FAILURES).increment(1);
 }
 
 /// A receive endpoint answered `code` with body status `answer`.
@@ -118,10 +156,9 @@ pub fn received(endpoint: &'static str, code: u16, answer: &'static str) {
         .increment(1);
 }
 
-/// One downstream attempt ended in `outcome` after `took`.
-pub fn attempted(outcome: &Outcome, took: Duration) {
-    let result = outcome.label();
-    counter!(DELIVERY_ATTEMPTS, "result" => result, "status_class" => status_class(outcome.status()))
+/// One downstream attempt ended in `result` (with HTTP `status`, if any) after `took`.
+pub fn attempted(result: &'static str, status: Option<u16>, took: Duration) {
+    counter!(DELIVERY_ATTEMPTS, "result" => result, "status_class" => status_class(status))
         .increment(1);
     histogram!(DELIVERY_DURATION, "result" => result).record(took);
 }
@@ -146,18 +183,9 @@ pub fn purged() {
     counter!(DLQ_PURGED).increment(1);
 }
 
-/// A publish to `target` ended in `result` after `took`.
-pub fn publish_confirmed(target: Target, result: &Result<(), PublishError>, took: Duration) {
-    let target = match target {
-        Target::Work => "work",
-        Target::Retry(_) => "retry",
-        Target::Dlq => "dlq",
-    };
-    let result = if result.is_ok() {
-        "confirmed"
-    } else {
-        "failed"
-    };
+/// A publish to `target` (work, retry, dlq) was confirmed or failed after `took`.
+pub fn publish_confirmed(target: &'static str, confirmed: bool, took: Duration) {
+    let result = if confirmed { "confirmed" } else { "failed" };
     histogram!(PUBLISH_CONFIRM, "target" => target, "result" => result).record(took);
 }
 
@@ -175,74 +203,7 @@ pub fn status_class(status: Option<u16>) -> &'static str {
 
 /// The level label, the ladder part of the queue name: `01-2s` (pure).
 pub fn level_label(level: usize, delay: Duration) -> String {
-    format!(
-        "{:02}-{}",
-        level + 1,
-        crate::broker::topology::human_delay(delay)
-    )
-}
-
-/// Refreshes the queue-depth gauges every [`DEPTH_REFRESH`] until `cancel` fires, with
-/// one passive declare per queue on a channel of the current broker session. Also runs
-/// the recorder's upkeep, which keeps histogram memory bounded between scrapes.
-pub async fn refresh_queue_depths(relay: Arc<Relay>, cancel: CancellationToken) {
-    let queues: Vec<(String, &'static str)> = {
-        let t = relay.topology();
-        std::iter::once((t.work.clone(), "work"))
-            .chain(t.retry.iter().map(|l| (l.name.clone(), "retry")))
-            .chain(std::iter::once((t.dlq.clone(), "dlq")))
-            .collect()
-    };
-    // The channel is reused while its session lives; a new session gets a new channel.
-    let mut current: Option<(Arc<Session>, lapin::Channel)> = None;
-    let mut tick = tokio::time::interval(DEPTH_REFRESH);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        if let Some(h) = install() {
-            h.run_upkeep();
-        }
-        let Some(session) = relay.broker.session() else {
-            current = None;
-            continue;
-        };
-        if !current
-            .as_ref()
-            .is_some_and(|(s, ch)| Arc::ptr_eq(s, &session) && ch.status().connected())
-        {
-            match session.connection().create_channel().await {
-                Ok(ch) => current = Some((session.clone(), ch)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "queue depth refresh: no channel");
-                    current = None;
-                    continue;
-                }
-            }
-        }
-        let Some((_, channel)) = &current else {
-            continue;
-        };
-        for (name, kind) in &queues {
-            let declared = crate::broker::topology::peek(channel, name).await;
-            match declared {
-                Ok(q) => {
-                    gauge!(QUEUE_DEPTH, "queue" => name.clone(), "kind" => *kind)
-                        .set(f64::from(q.message_count()));
-                }
-                Err(e) => {
-                    // A missing queue closes the channel; the next tick opens another.
-                    tracing::debug!(queue = %name, error = %e, "queue depth refresh failed");
-                    break;
-                }
-            }
-        }
-    }
-    if let Some((_, channel)) = current {
-        let _ = channel.close(200, "stopping".into()).await;
-    }
+    format!("{:02}-{}", level + 1, crate::retry::human_delay(delay))
 }
 
 #[cfg(test)]

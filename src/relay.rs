@@ -63,75 +63,109 @@ impl Relay {
     }
 
     /// Makes the next attempt of `event` within `timeout` (default DELIVERY_TIMEOUT_MS)
-    /// and makes its outcome durable. `Err` means nothing was stored: the caller must
-    /// not acknowledge the event (503 / no ack).
+    /// and decides its fate. The event comes back with the attempt recorded (and the
+    /// dead-letter reason set), ready for [`Relay::settle`]; nothing is stored yet.
+    pub async fn attempt(&self, mut event: Envelope, timeout: Option<Duration>) -> Attempted {
+        let downstream = self
+            .downstream
+            .as_ref()
+            .expect("delivering commands are built with a downstream");
+        let attempt = event.attempts.saturating_add(1);
+        let started = std::time::Instant::now();
+        let outcome = downstream
+            .attempt(
+                &event,
+                attempt,
+                timeout.unwrap_or(self.config.delivery_timeout),
+            )
+            .await;
+        crate::metrics::attempted(outcome.label(), outcome.status(), started.elapsed());
+        let decision = self.policy.decide(attempt, &outcome);
+        event.record_attempt(attempt, outcome.status(), outcome.error());
+        if let Decision::DeadLetter(reason) = decision {
+            event.dead_letter(reason.as_str());
+        }
+        Attempted {
+            event,
+            decision,
+            attempt,
+            status: outcome.status(),
+        }
+    }
+
+    /// Makes the outcome of an attempt durable: nothing for a delivery, a confirmed
+    /// publish to the retry level or the DLQ otherwise. `Err` means nothing was stored;
+    /// the caller may call it again with the same `attempted` (a worker does, with
+    /// backoff) or give up (the receiver answers 503).
+    pub async fn settle(&self, attempted: &Attempted) -> Result<Settled, PublishError> {
+        let Attempted {
+            event,
+            decision,
+            attempt,
+            status,
+        } = attempted;
+        let error = event.last_error.as_deref();
+        match *decision {
+            Decision::Delivered => {
+                tracing::debug!(attempt, status, "delivered");
+                Ok(Settled::Delivered)
+            }
+            Decision::Retry { level, delay } => {
+                self.broker.publish(Target::Retry(level), event).await?;
+                crate::metrics::retry_scheduled(level, delay);
+                tracing::info!(
+                    attempt,
+                    status,
+                    error,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "attempt failed; scheduled for retry"
+                );
+                Ok(Settled::Retried { level, delay })
+            }
+            Decision::DeadLetter(reason) => {
+                self.broker.publish(Target::Dlq, event).await?;
+                crate::metrics::dead_lettered(reason.as_str());
+                tracing::warn!(
+                    attempt,
+                    status,
+                    error,
+                    reason = reason.as_str(),
+                    "dead-lettered"
+                );
+                Ok(Settled::DeadLettered(reason))
+            }
+        }
+    }
+
+    /// Attempt and one settle, as the receiver's inline attempt 1 does. `Err` means
+    /// nothing was stored: the caller must not acknowledge the event (503). Publish
+    /// failures are logged once per episode by the broker, not here.
     pub async fn attempt_and_settle(
         &self,
-        mut event: Envelope,
+        event: Envelope,
         timeout: Option<Duration>,
     ) -> Result<Settled, PublishError> {
         let span = tracing::info_span!("event", event_id = %event.id, webhook = %event.webhook);
         async move {
-            let downstream = self
-                .downstream
-                .as_ref()
-                .expect("delivering commands are built with a downstream");
-            let attempt = event.attempts.saturating_add(1);
-            let started = std::time::Instant::now();
-            let outcome = downstream
-                .attempt(
-                    &event,
-                    attempt,
-                    timeout.unwrap_or(self.config.delivery_timeout),
-                )
-                .await;
-            crate::metrics::attempted(&outcome, started.elapsed());
-            let decision = self.policy.decide(attempt, &outcome);
-            event.record_attempt(attempt, outcome.status(), outcome.error());
-            let settled = match decision {
-                Decision::Delivered => {
-                    tracing::debug!(attempt, status = outcome.status(), "delivered");
-                    return Ok(Settled::Delivered);
-                }
-                Decision::Retry { level, delay } => {
-                    self.broker.publish(Target::Retry(level), &event).await?;
-                    crate::metrics::retry_scheduled(level, delay);
-                    tracing::info!(
-                        attempt,
-                        status = outcome.status(),
-                        error = outcome.error(),
-                        retry_in_ms = delay.as_millis() as u64,
-                        "attempt failed; scheduled for retry"
-                    );
-                    Settled::Retried { level, delay }
-                }
-                Decision::DeadLetter(reason) => {
-                    event.dead_letter(reason.as_str());
-                    self.broker.publish(Target::Dlq, &event).await?;
-                    crate::metrics::dead_lettered(reason.as_str());
-                    tracing::warn!(
-                        attempt,
-                        status = outcome.status(),
-                        error = outcome.error(),
-                        reason = reason.as_str(),
-                        "dead-lettered"
-                    );
-                    Settled::DeadLettered(reason)
-                }
-            };
-            Ok(settled)
+            let attempted = self.attempt(event, timeout).await;
+            self.settle(&attempted).await.inspect_err(
+                |e| tracing::debug!(error = %e, "could not store the attempt's outcome"),
+            )
         }
-        .instrument(span.clone())
+        .instrument(span)
         .await
-        .inspect_err(|e: &PublishError| {
-            span.in_scope(|| {
-                // An outage is logged once by the broker supervisor, not once per event.
-                if e.is_connection_loss() {
-                    tracing::debug!(error = %e, "could not store the attempt's outcome")
-                } else {
-                    tracing::warn!(error = %e, "could not store the attempt's outcome")
-                }
-            })
-        })
     }
+}
+
+/// An attempt made, its outcome decided, not yet made durable.
+#[derive(Debug)]
+pub struct Attempted {
+    /// The event with the attempt recorded in its headers.
+    pub event: Envelope,
+    /// What the policy decided.
+    pub decision: Decision,
+    /// The attempt's number (1-based).
+    pub attempt: u32,
+    /// The downstream's status, if it answered.
+    pub status: Option<u16>,
 }

@@ -125,6 +125,21 @@ impl Policy {
     }
 }
 
+/// `2s`, `40ms`, `1h`, `2048s`: the shortest exact unit, so names stay short and sort
+/// with the ladder index in front.
+pub fn human_delay(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) && ms >= 600_000 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,20 +1,36 @@
 //! Workers (SPEC §3, §5): consume `P.work`, make one attempt per delivery, settle the
-//! outcome (retry level or DLQ, confirmed) and only then ack.
+//! outcome (retry level or DLQ, confirmed) and only then ack, on the delivery's own
+//! channel. A settle publish that fails is retried with backoff, never by attempting
+//! the downstream again and never by requeueing the delivery in a loop.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
+use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::broker::Session;
+use crate::broker::episode::Episode;
 use crate::envelope::Envelope;
 use crate::relay::Relay;
+
+/// First and last wait between tries of an outcome publish.
+const SETTLE_RETRY_MIN: Duration = Duration::from_millis(100);
+const SETTLE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Longest `basic.cancel` may take at shutdown (a silent broker never answers).
+const CANCEL_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Outcome publishes being retried, logged once per episode.
+static SETTLE_TROUBLE: Episode =
+    Episode::new("outcome publishes failing; workers keep their deliveries and retry");
 
 /// Consumes until `cancel` fires, then waits for in-flight deliveries up to the
 /// shutdown grace. Deliveries still running then are abandoned un-acked: the broker
@@ -48,16 +64,18 @@ pub async fn run(relay: Arc<Relay>, cancel: CancellationToken) {
             tokio::select! {
                 _ = cancel.cancelled() => {
                     // Stop intake; in-flight deliveries keep their channel for their ack.
-                    let _ = channel
-                        .basic_cancel(consumer.tag(), BasicCancelOptions { nowait: false })
-                        .await;
+                    let _ = tokio::time::timeout(
+                        CANCEL_DEADLINE,
+                        channel.basic_cancel(consumer.tag(), BasicCancelOptions { nowait: false }),
+                    )
+                    .await;
                     _last_channel = Some(channel);
                     break 'sessions;
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        let relay = relay.clone();
-                        tracker.spawn(async move { handle(&relay, delivery).await });
+                        let (relay, channel, cancel) = (relay.clone(), channel.clone(), cancel.clone());
+                        tracker.spawn(async move { handle(&relay, delivery, &channel, &cancel).await });
                     }
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "consumer stream failed");
@@ -98,7 +116,8 @@ async fn start_consumer(
     relay: &Relay,
     session: &Session,
 ) -> Result<(Channel, Consumer), lapin::Error> {
-    let channel = session.connection().create_channel().await?;
+    // The consuming connection: acks keep flowing while the broker blocks publishers.
+    let channel = session.consumer_connection().create_channel().await?;
     // The prefetch is the concurrency: that many deliveries in flight, no more.
     channel
         .basic_qos(
@@ -122,28 +141,80 @@ async fn start_consumer(
     Ok((channel, consumer))
 }
 
-async fn handle(relay: &Relay, delivery: lapin::message::Delivery) {
+/// How one delivery's settle loop ended.
+enum Settle {
+    /// Stored (or delivered): ack it.
+    Done,
+    /// The delivery's channel is gone: the broker redelivers it; publish nothing more.
+    ChannelLost,
+    /// Shutdown while the publish kept failing: hand it back for redelivery.
+    Stopping,
+}
+
+async fn handle(
+    relay: &Relay,
+    delivery: lapin::message::Delivery,
+    channel: &Channel,
+    cancel: &CancellationToken,
+) {
     let event = Envelope::from_amqp(&delivery.properties, delivery.data);
     let span = tracing::info_span!("event", event_id = %event.id, webhook = %event.webhook);
-    let settled = relay.attempt_and_settle(event, None).await;
-    let result = if settled.is_ok() {
-        delivery
-            .acker
-            .ack(BasicAckOptions { multiple: false })
-            .await
-    } else {
-        // Not settled (publish failed): hand it back for another worker or a later try.
-        delivery
-            .acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            })
-            .await
+    settle_delivery(relay, delivery.acker, event, channel, cancel)
+        .instrument(span)
+        .await
+}
+
+async fn settle_delivery(
+    relay: &Relay,
+    acker: lapin::Acker,
+    event: Envelope,
+    channel: &Channel,
+    cancel: &CancellationToken,
+) {
+    let attempted = relay.attempt(event, None).await;
+    let mut wait = SETTLE_RETRY_MIN;
+    let settle = loop {
+        // An outcome is published only while the delivery's own channel is open: once
+        // it is gone the broker hands the event to another consumer, and a second copy
+        // must not walk the ladder beside it.
+        if !channel.status().connected() {
+            break Settle::ChannelLost;
+        }
+        match relay.settle(&attempted).await {
+            Ok(_) => {
+                SETTLE_TROUBLE.calm();
+                break Settle::Done;
+            }
+            Err(e) => {
+                SETTLE_TROUBLE.strike(&e);
+                crate::metrics::settle_retried();
+                tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "outcome not stored; retrying the publish");
+            }
+        }
+        let jittered = wait.mul_f64(rand::rng().random_range(0.5..1.0));
+        tokio::select! {
+            _ = cancel.cancelled() => break Settle::Stopping,
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        wait = (wait * 2).min(SETTLE_RETRY_MAX);
+    };
+    let result = match settle {
+        Settle::Done => acker.ack(BasicAckOptions { multiple: false }).await,
+        Settle::ChannelLost => {
+            tracing::debug!(
+                "delivery's channel closed before its outcome was stored; the broker redelivers it"
+            );
+            return;
+        }
+        // `reject`, not `nack`: RabbitMQ 4.3+ counts only rejects toward the work
+        // queue's delivery limit, which must keep bounding a delivery handed back again
+        // and again.
+        Settle::Stopping => acker.reject(BasicRejectOptions { requeue: true }).await,
     };
     if let Err(e) = result {
-        // The channel is gone; the broker redelivers the message (a duplicate, never a loss).
-        let _in_event = span.enter();
-        tracing::debug!(error = %e, "could not ack/nack; the message will be redelivered");
+        // The channel is gone; the broker redelivers the message (a duplicate, never a
+        // loss). Not a success: counted, so a flap's duplicates can be told apart.
+        crate::metrics::ack_failed();
+        tracing::info!(error = %e, "could not acknowledge the delivery; the broker will redeliver it");
     }
 }

@@ -1,14 +1,18 @@
-//! The broker connection: a supervisor that keeps one live session (connection,
-//! declared topology, confirm-mode publishing channels), replaces it with backoff when
-//! it breaks, and the confirmed publisher everything else calls (SPEC §2, §5).
+//! The broker connection: a supervisor that keeps one live session (a publishing
+//! connection with confirm-mode channels, a consuming connection, the topology
+//! declared), replaces it with backoff when it breaks, tracks whether the broker is
+//! blocking publishers, and the confirmed publisher everything else calls (SPEC §2, §5).
 
 pub mod definitions;
+pub mod depths;
+pub mod episode;
 pub mod status;
 pub mod topology;
 
+use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use deadpool_lapin::Pool;
 use futures_util::StreamExt;
@@ -19,18 +23,26 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Envelope;
+use episode::Episode;
 pub use topology::Topology;
 
-/// Publishing channels per session, used round-robin. One: with every in-flight
-/// publish on one channel the broker confirms them in batches (one `multiple` ack for
-/// many), which costs the broker and the relay about 20% less CPU per publish than four
-/// channels did at the same rate (relay-bench), and one channel carries well past what
-/// a relay process receives over HTTP. A broken channel replaces the whole session
-/// either way, so more channels never isolated failures.
-const PUBLISH_CHANNELS: usize = 1;
+/// Consecutive nacks after which the publishing channel is replaced (at most every
+/// [`CHANNEL_ROTATION_MIN`]). A quorum queue that refused a channel's publishes
+/// (`x-overflow=reject-publish` at its limit) tells that channel when it takes
+/// messages again only when it drops below the limit; after a policy that set the
+/// limit is removed, RabbitMQ 3.10 never tells it, and the channel would be refused
+/// for ever. A new channel starts with a clean slate.
+const NACKS_BEFORE_NEW_CHANNEL: u32 = 3;
+const CHANNEL_ROTATION_MIN: Duration = Duration::from_secs(2);
 /// First and last wait between reconnection tries.
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// Publish timeouts in a row after which the session counts as broken (SPEC §5): a
+/// half-open TCP connection is not waited out until heartbeats notice.
+pub const TIMEOUTS_BEFORE_BROKEN: u32 = 3;
+/// Longest a closing connection may take (shutdown, reconnect): a blocked or silent
+/// broker never answers `connection.close`.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Where a message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +55,17 @@ pub enum Target {
     Dlq,
 }
 
+impl Target {
+    /// The metrics label of the target.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Work => "work",
+            Self::Retry(_) => "retry",
+            Self::Dlq => "dlq",
+        }
+    }
+}
+
 /// A publish that did not end with the broker holding the message. Every variant
 /// means the same to the caller: the event is not stored, so answer 503 / do not ack.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +73,10 @@ pub enum PublishError {
     /// No usable broker session right now.
     #[error("broker not connected")]
     NotConnected,
+    /// The broker blocks publishers (memory or disk alarm): nothing was published, or
+    /// a publish already written was abandoned when the block started.
+    #[error("broker is blocking publishers ({0})")]
+    Blocked(String),
     /// The confirm did not arrive within PUBLISH_TIMEOUT_MS.
     #[error("publish not confirmed within {0:?}")]
     Timeout(Duration),
@@ -87,52 +114,113 @@ pub fn read_confirmation(c: Result<Confirmation, lapin::Error>) -> Result<(), Pu
     }
 }
 
-impl PublishError {
-    /// Whether the failure is the broker connection going away, which the supervisor
-    /// already reports once; callers log these quietly instead of once per event.
-    pub fn is_connection_loss(&self) -> bool {
-        matches!(self, Self::NotConnected | Self::Broker(_))
-    }
-}
-
-/// One live connection with the topology declared and confirm-mode channels open.
+/// One live pair of connections with the topology declared and confirm-mode channels
+/// open. Publishing and consuming never share a connection: RabbitMQ blocks a
+/// publishing connection during an alarm, and a blocked connection carries nothing,
+/// not even the consumers' acks (SPEC §2).
 pub struct Session {
-    /// The connection, held out of the pool while the session lives.
-    connection: Connection,
-    /// Confirm-mode publishing channels, used round-robin.
-    channels: Vec<Channel>,
-    /// Round-robin cursor over `channels`.
-    next: AtomicUsize,
+    /// The publishing connection, held out of the pool while the session lives.
+    publisher: Connection,
+    /// The consuming connection: consumers, acks, queue-depth reads. Never publishes,
+    /// so an alarm never blocks it.
+    consumer: Connection,
+    /// The confirm-mode publishing channel on `publisher`. One channel: with every
+    /// in-flight publish on it the broker confirms them in batches (one `multiple` ack
+    /// for many), about 20% less CPU per publish than four channels (relay-bench).
+    /// Replaced after a run of nacks (see [`NACKS_BEFORE_NEW_CHANNEL`]).
+    channel: std::sync::RwLock<Channel>,
+    /// Nacks since the last confirm, and when the channel was last replaced.
+    nacks_in_a_row: AtomicU32,
+    rotated_at: std::sync::Mutex<Instant>,
     /// Cancelled by a user that saw this session fail; the supervisor then replaces it.
     /// Per session, so a late report about an old session never tears down a new one.
     broken: CancellationToken,
+    /// The broker's reason while it blocks the publishing connection, else `None`.
+    blocked: watch::Sender<Option<String>>,
+    /// Publishes refused at once during the current block, for its end-of-episode line.
+    refused_while_blocked: AtomicU64,
+    /// Publish timeouts since the last confirm; [`TIMEOUTS_BEFORE_BROKEN`] breaks it.
+    timeouts_in_a_row: AtomicU32,
+    /// The node this session talks to (`host:port`), never with credentials.
+    node: String,
 }
 
 impl Session {
-    /// The session's connection, for consumers that open their own channel.
-    pub fn connection(&self) -> &Connection {
-        &self.connection
+    /// The consuming connection, for consumers and reads that must not stall while the
+    /// broker blocks publishers.
+    pub fn consumer_connection(&self) -> &Connection {
+        &self.consumer
     }
 
-    fn channel(&self) -> &Channel {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        &self.channels[i]
+    /// The node this session is connected to (`host:port`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the broker is blocking this session's publishers right now.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked.borrow().is_some()
+    }
+
+    fn channel(&self) -> Channel {
+        self.channel.read().expect("channel lock").clone()
     }
 
     fn is_usable(&self) -> bool {
-        self.connection.status().connected() && self.channels.iter().all(|c| c.status().connected())
+        !self.broken.is_cancelled()
+            && self.publisher.status().connected()
+            && self.consumer.status().connected()
+            && self
+                .channel
+                .read()
+                .expect("channel lock")
+                .status()
+                .connected()
+    }
+
+    /// Replaces the publishing channel with a fresh confirm-mode one; the old one is
+    /// closed once its publishes in flight had time to be confirmed.
+    async fn rotate_channel(&self, publish_timeout: Duration) {
+        let fresh = async {
+            let ch = self.publisher.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions { nowait: false })
+                .await?;
+            Ok::<_, lapin::Error>(ch)
+        };
+        match tokio::time::timeout(publish_timeout, fresh).await {
+            Ok(Ok(ch)) => {
+                let old = std::mem::replace(&mut *self.channel.write().expect("channel lock"), ch);
+                tracing::debug!("publishing channel replaced after repeated nacks");
+                tokio::time::sleep(publish_timeout).await;
+                let _ =
+                    tokio::time::timeout(CLOSE_DEADLINE, old.close(200, "replaced".into())).await;
+            }
+            _ => tracing::debug!("could not open a new publishing channel"),
+        }
+    }
+
+    async fn close(&self, code: u16, why: &str) {
+        for c in [&self.publisher, &self.consumer] {
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, c.close(code, why.into())).await;
+        }
     }
 }
 
 struct Inner {
     /// Connection factory; also serves short-lived connections to the DLQ tools.
     pool: Pool,
+    /// The broker address as configured, for the pool and for logs (password hidden).
+    node: String,
     /// Names and arguments of what must exist before the session counts as usable.
     topology: Topology,
     /// The current usable session, or `None` while the broker is away.
     session: watch::Sender<Option<Arc<Session>>>,
     /// Bound on how long a publish waits for its confirm.
     publish_timeout: Duration,
+    /// Nacked publishes, logged once per episode.
+    nacks: Episode,
+    /// Publish timeouts, logged once per episode.
+    timeouts: Episode,
     /// Stops the supervisor; cancelled last, after the users of the broker are done.
     stop: CancellationToken,
 }
@@ -168,11 +256,15 @@ impl Broker {
         let (session, _) = watch::channel(None);
         let inner = Arc::new(Inner {
             pool,
+            node: node_of(amqp_url),
             topology,
             session,
             publish_timeout,
+            nacks: Episode::new("publishes nacked by the broker"),
+            timeouts: Episode::new("publishes not confirmed in time"),
             stop: CancellationToken::new(),
         });
+        crate::metrics::broker_state(false, false);
         tokio::spawn(supervise(inner.clone()));
         Self { inner }
     }
@@ -182,13 +274,34 @@ impl Broker {
         &self.inner.topology
     }
 
-    /// Whether a usable session exists (what `/readyz` reports).
+    /// Whether a usable session exists and the broker takes publishes (what `/readyz`
+    /// reports): 503 while the broker is away and while it blocks publishers.
     pub fn is_ready(&self) -> bool {
         self.inner
             .session
             .borrow()
             .as_ref()
-            .is_some_and(|s| s.is_usable())
+            .is_some_and(|s| s.is_usable() && !s.is_blocked())
+    }
+
+    /// Why the relay is not ready, in words for `/readyz`; `None` when ready.
+    pub fn unready_reason(&self) -> Option<String> {
+        match self.inner.session.borrow().as_ref() {
+            None => Some("broker connection not usable".into()),
+            Some(s) if !s.is_usable() => Some("broker connection not usable".into()),
+            Some(s) => s
+                .blocked
+                .borrow()
+                .as_ref()
+                .map(|why| format!("broker is blocking publishers ({why})")),
+        }
+    }
+
+    /// The node in use (`host:port`), or the configured one while disconnected.
+    pub fn node(&self) -> String {
+        self.session()
+            .map(|s| s.node.clone())
+            .unwrap_or_else(|| self.inner.node.clone())
     }
 
     /// The current session, if any.
@@ -214,7 +327,8 @@ impl Broker {
         session.broken.cancel();
     }
 
-    /// A pooled connection for one-off tools (DLQ listing, replay, teardown).
+    /// A pooled connection for one-off tools (DLQ listing, replay, teardown): never
+    /// the session's publishing or consuming connection.
     pub async fn pooled_connection(&self) -> Result<deadpool_lapin::Connection, PublishError> {
         self.inner
             .pool
@@ -224,10 +338,19 @@ impl Broker {
     }
 
     /// Publishes `event` to `target`: persistent, mandatory, confirmed. `Ok` means the
-    /// broker holds it in a queue.
+    /// broker holds it in a queue. While the broker blocks publishers nothing is
+    /// written and the answer is `Blocked` at once; a publish in flight when the block
+    /// starts is abandoned with `Blocked` rather than waiting out its timeout.
     pub async fn publish(&self, target: Target, event: &Envelope) -> Result<(), PublishError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let session = self.session().ok_or(PublishError::NotConnected)?;
+        let mut blocked = session.blocked.subscribe();
+        if let Some(why) = blocked.borrow_and_update().clone() {
+            session
+                .refused_while_blocked
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(PublishError::Blocked(why));
+        }
         let topo = &self.inner.topology;
         let (exchange, routing_key) = match target {
             Target::Work => (topo.work.as_str(), topo.work.as_str()),
@@ -251,31 +374,86 @@ impl Broker {
                 .await?;
             confirm.await
         };
-        let result = match tokio::time::timeout(self.inner.publish_timeout, publish).await {
-            Err(_) => Err(PublishError::Timeout(self.inner.publish_timeout)),
-            Ok(confirm) => read_confirmation(confirm),
+        let result = tokio::select! {
+            timed = tokio::time::timeout(self.inner.publish_timeout, publish) => match timed {
+                Err(_) => Err(PublishError::Timeout(self.inner.publish_timeout)),
+                Ok(confirm) => read_confirmation(confirm),
+            },
+            why = blocked.wait_for(Option::is_some) => {
+                session.refused_while_blocked.fetch_add(1, Ordering::Relaxed);
+                let why = why.ok().and_then(|w| w.clone()).unwrap_or_default();
+                Err(PublishError::Blocked(why))
+            }
         };
-        crate::metrics::publish_confirmed(target, &result, started.elapsed());
-        match &result {
+        crate::metrics::publish_confirmed(target.label(), result.is_ok(), started.elapsed());
+        self.after_publish(&session, &result);
+        result
+    }
+
+    /// Keeps the session's health and the episode logs up to date after a publish.
+    fn after_publish(&self, session: &Arc<Session>, result: &Result<(), PublishError>) {
+        let inner = &self.inner;
+        match result {
+            Ok(()) => {
+                session.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                session.nacks_in_a_row.store(0, Ordering::Relaxed);
+                inner.nacks.calm();
+                inner.timeouts.calm();
+            }
+            Err(PublishError::Nacked) => {
+                // The broker answered: the connection is alive.
+                session.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                inner.nacks.strike(&"nack");
+                let n = session.nacks_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= NACKS_BEFORE_NEW_CHANNEL {
+                    let mut at = session.rotated_at.lock().expect("rotation lock");
+                    if at.elapsed() >= CHANNEL_ROTATION_MIN {
+                        *at = Instant::now();
+                        session.nacks_in_a_row.store(0, Ordering::Relaxed);
+                        let (session, timeout) = (session.clone(), inner.publish_timeout);
+                        tokio::spawn(async move { session.rotate_channel(timeout).await });
+                    }
+                }
+            }
+            Err(e @ PublishError::Timeout(_)) => {
+                inner.timeouts.strike(e);
+                let n = session.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == TIMEOUTS_BEFORE_BROKEN {
+                    tracing::warn!(
+                        node = %session.node,
+                        "{TIMEOUTS_BEFORE_BROKEN} publish timeouts in a row: treating the broker connection as broken"
+                    );
+                    self.report_broken(session);
+                } else if !session.is_usable() {
+                    self.report_broken(session);
+                }
+            }
             // A broken channel, or topology that vanished: rebuild the session.
             Err(
                 PublishError::Broker(_)
                 | PublishError::Unroutable { .. }
                 | PublishError::NotConfirmMode,
-            ) => self.report_broken(&session),
-            Err(PublishError::Timeout(_)) if !session.is_usable() => self.report_broken(&session),
-            _ => {}
+            ) => self.report_broken(session),
+            Err(PublishError::Blocked(_) | PublishError::NotConnected) => {}
         }
-        result
     }
 
-    /// Stops the supervisor and closes the session's connection cleanly.
+    /// Stops the supervisor and closes the session's connections, each within a
+    /// deadline: a blocked or silent broker never delays the exit for long.
     pub async fn close(&self) {
         self.inner.stop.cancel();
         let session = self.inner.session.send_replace(None);
         if let Some(s) = session {
-            let _ = s.connection.close(200, "shutdown".into()).await;
+            s.close(200, "shutdown").await;
         }
+    }
+}
+
+/// `host:port` of an AMQP URL, for logs and metrics: never the credentials.
+pub fn node_of(amqp_url: &str) -> String {
+    match lapin::uri::AMQPUri::from_str(amqp_url) {
+        Ok(u) => format!("{}:{}", u.authority.host, u.authority.port),
+        Err(_) => "(unparsable AMQP_URL)".into(),
     }
 }
 
@@ -287,27 +465,63 @@ async fn supervise(inner: Arc<Inner>) {
         if inner.stop.is_cancelled() {
             return;
         }
-        match open_session(&inner).await {
+        let opened = tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            opened = open_session(&inner) => opened,
+        };
+        match opened {
             Ok(session) => {
                 if was_up || failures > 0 {
-                    tracing::info!("broker connection re-established; topology declared");
+                    tracing::info!(node = %session.node, "broker connection re-established; topology declared");
                 } else {
-                    tracing::info!("connected to broker; topology declared");
+                    tracing::info!(node = %session.node, "connected to broker; topology declared");
                 }
                 was_up = true;
                 failures = 0;
                 wait = RECONNECT_MIN;
                 let session = Arc::new(session);
-                let mut events = session.connection.events_listener();
+                // Depths are known before the first "ready", so dashboards never start
+                // with empty queue panels.
+                depths::refresh_once(&session, &inner.topology).await;
+                let mut publisher_events = session.publisher.events_listener();
+                let mut consumer_events = session.consumer.events_listener();
                 inner.session.send_replace(Some(session.clone()));
+                crate::metrics::broker_state(true, false);
+                let mut blocked_since: Option<Instant> = None;
                 let mut poll = tokio::time::interval(Duration::from_millis(500));
                 loop {
                     tokio::select! {
                         _ = inner.stop.cancelled() => return,
                         _ = session.broken.cancelled() => break,
-                        ev = events.next() => match ev {
+                        ev = publisher_events.next() => match ev {
+                            Some(lapin::Event::ConnectionBlocked(why)) => {
+                                tracing::warn!(node = %session.node, reason = %why, "broker is blocking publishers (memory or disk alarm): answering 503 until it stops");
+                                session.refused_while_blocked.store(0, Ordering::Relaxed);
+                                session.blocked.send_replace(Some(why));
+                                blocked_since.get_or_insert_with(Instant::now);
+                                crate::metrics::broker_state(true, true);
+                            }
+                            Some(lapin::Event::ConnectionUnblocked) => {
+                                session.blocked.send_replace(None);
+                                let lasted = blocked_since.take().map(|t| t.elapsed()).unwrap_or_default();
+                                tracing::info!(
+                                    node = %session.node,
+                                    lasted_ms = lasted.as_millis() as u64,
+                                    refused = session.refused_while_blocked.load(Ordering::Relaxed),
+                                    "broker stopped blocking publishers"
+                                );
+                                crate::metrics::broker_state(true, false);
+                            }
                             Some(lapin::Event::Error(e)) => {
-                                tracing::debug!(error = %e, "broker connection error event");
+                                tracing::debug!(error = %e, "publishing connection error event");
+                                break;
+                            }
+                            None => break,
+                            Some(_) => {}
+                        },
+                        ev = consumer_events.next() => match ev {
+                            Some(lapin::Event::Error(e)) => {
+                                tracing::debug!(error = %e, "consuming connection error event");
                                 break;
                             }
                             None => break,
@@ -317,19 +531,16 @@ async fn supervise(inner: Arc<Inner>) {
                     }
                 }
                 inner.session.send_replace(None);
-                tracing::warn!("lost the broker connection; reconnecting");
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    session.connection.close(320, "relay reconnecting".into()),
-                )
-                .await;
+                crate::metrics::broker_state(false, false);
+                tracing::warn!(node = %session.node, "lost the broker connection; reconnecting");
+                session.close(320, "relay reconnecting").await;
             }
             Err(e) => {
                 failures += 1;
                 if failures == 1 {
-                    tracing::warn!(error = %crate::error_chain(e.as_ref()), "broker unavailable; retrying with backoff");
+                    tracing::warn!(node = %inner.node, error = %crate::error_chain(e.as_ref()), "broker unavailable; retrying with backoff");
                 } else {
-                    tracing::debug!(error = %crate::error_chain(e.as_ref()), failures, "broker still unavailable");
+                    tracing::debug!(node = %inner.node, error = %crate::error_chain(e.as_ref()), failures, "broker still unavailable");
                 }
             }
         }
@@ -343,31 +554,53 @@ async fn supervise(inner: Arc<Inner>) {
 }
 
 async fn open_session(inner: &Inner) -> Result<Session, anyhow::Error> {
-    // Take the connection out of the pool: the session owns it until it breaks, and a
-    // broken one must never be handed to anyone else.
-    let connection = deadpool_lapin::Object::take(inner.pool.get().await?);
+    // Take the connections out of the pool: the session owns them until it breaks, and
+    // a broken one must never be handed to anyone else.
+    let publisher = deadpool_lapin::Object::take(inner.pool.get().await?);
+    let consumer = match inner.pool.get().await {
+        Ok(c) => deadpool_lapin::Object::take(c),
+        Err(e) => {
+            let _ =
+                tokio::time::timeout(CLOSE_DEADLINE, publisher.close(200, "setup failed".into()))
+                    .await;
+            return Err(e.into());
+        }
+    };
     let setup = async {
-        let declare = connection.create_channel().await?;
+        let declare = consumer.create_channel().await?;
         inner.topology.declare(&declare).await?;
         let _ = declare.close(200, "declared".into()).await;
-        let mut channels = Vec::with_capacity(PUBLISH_CHANNELS);
-        for _ in 0..PUBLISH_CHANNELS {
-            let ch = connection.create_channel().await?;
-            ch.confirm_select(ConfirmSelectOptions { nowait: false })
-                .await?;
-            channels.push(ch);
-        }
-        Ok::<_, lapin::Error>(channels)
+        let channel = publisher.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions { nowait: false })
+            .await?;
+        Ok::<_, lapin::Error>(channel)
     };
     match setup.await {
-        Ok(channels) => Ok(Session {
-            connection,
-            channels,
-            next: AtomicUsize::new(0),
-            broken: CancellationToken::new(),
-        }),
+        Ok(channel) => {
+            let s = Session {
+                blocked: watch::channel(None).0,
+                refused_while_blocked: AtomicU64::new(0),
+                timeouts_in_a_row: AtomicU32::new(0),
+                node: inner.node.clone(),
+                publisher,
+                consumer,
+                channel: std::sync::RwLock::new(channel),
+                nacks_in_a_row: AtomicU32::new(0),
+                rotated_at: std::sync::Mutex::new(Instant::now()),
+                broken: CancellationToken::new(),
+            };
+            // A block announced before the listener existed is still in the status.
+            if s.publisher.status().blocked() {
+                s.blocked.send_replace(Some("blocked at connect".into()));
+            }
+            Ok(s)
+        }
         Err(e) => {
-            let _ = connection.close(200, "setup failed".into()).await;
+            for c in [&publisher, &consumer] {
+                let _ =
+                    tokio::time::timeout(CLOSE_DEADLINE, c.close(200, "setup failed".into())).await;
+            }
             Err(e.into())
         }
     }

@@ -11,6 +11,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
 use crate::retry::Ladder;
+pub use crate::retry::human_delay;
 
 /// Redeliveries after which the broker itself dead-letters a `work` message (one that
 /// keeps crashing or stranding its consumer). Explicit, so RabbitMQ 3.x (no default)
@@ -230,21 +231,6 @@ pub async fn peek(channel: &Channel, queue: &str) -> Result<lapin::Queue, lapin:
             FieldTable::default(),
         )
         .await
-}
-
-/// `2s`, `40ms`, `1h`, `2048s`: the shortest exact unit, so names stay short and sort
-/// with the ladder index in front.
-pub fn human_delay(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(3_600_000) {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) && ms >= 600_000 {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
 }
 
 #[cfg(test)]

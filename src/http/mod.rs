@@ -109,21 +109,21 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn metrics(State(relay): State<Arc<Relay>>) -> Response {
+async fn metrics() -> Response {
     const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
-    let body = crate::metrics::render(&relay);
+    let body = crate::metrics::render();
     ([(header::CONTENT_TYPE, EXPOSITION)], body).into_response()
 }
 
 async fn readyz(State(relay): State<Arc<Relay>>) -> Response {
-    if relay.broker.is_ready() {
-        Json(serde_json::json!({"status": "ready"})).into_response()
-    } else {
-        (
+    match relay.broker.unready_reason() {
+        None => Json(serde_json::json!({"status": "ready", "node": relay.broker.node()}))
+            .into_response(),
+        Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
-            Json(serde_json::json!({"status": "unavailable", "error": "broker connection not usable"})),
+            Json(serde_json::json!({"status": "unavailable", "error": why, "node": relay.broker.node()})),
         )
-            .into_response()
+            .into_response(),
     }
 }

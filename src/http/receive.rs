@@ -62,6 +62,17 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     if !auth::check_headers(&cfg.inbound, &headers) {
         return Err(unauthorized(early_id()));
     }
+    // While the broker blocks publishers nothing could be stored: answer before the
+    // body is read, so a burst of refused requests holds no memory.
+    if let Some(session) = relay.broker.session()
+        && session.is_blocked()
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker is blocking publishers (memory or disk alarm); retry later",
+            early_id(),
+        ));
+    }
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -121,14 +132,8 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     );
 
     let unavailable = |e: PublishError| {
-        span.in_scope(|| {
-            if e.is_connection_loss() {
-                // An outage is logged once by the broker supervisor, not once per request.
-                tracing::debug!(error = %e, "answering 503: event not stored");
-            } else {
-                tracing::warn!(error = %e, "answering 503: event not stored");
-            }
-        });
+        // Broker trouble is logged once per episode by the broker, not once per request.
+        span.in_scope(|| tracing::debug!(error = %e, "answering 503: event not stored"));
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "event could not be stored; retry later",

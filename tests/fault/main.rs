@@ -6,6 +6,7 @@
 #[path = "../it/common/mod.rs"]
 mod common;
 mod definitions;
+mod pressure;
 mod support;
 
 use std::sync::Arc;

@@ -30,6 +30,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A RabbitMQ command for the throwaway nodes: from `TEST_RABBITMQ_BIN_DIR` when set
+/// (another broker version, e.g. RabbitMQ 4 beside a system 3.10), else from PATH.
+fn rabbit(tool: &str) -> Command {
+    match std::env::var_os("TEST_RABBITMQ_BIN_DIR") {
+        Some(dir) if !dir.is_empty() => Command::new(PathBuf::from(dir).join(tool)),
+        _ => Command::new(tool),
+    }
+}
+
 fn run(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -58,10 +67,14 @@ impl Node {
 
     fn launch(definitions: Option<&str>) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
-        assert!(
-            run(Command::new("sh")
+        let installed = match std::env::var_os("TEST_RABBITMQ_BIN_DIR") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("rabbitmq-server").exists(),
+            _ => run(Command::new("sh")
                 .args(["-c", "command -v rabbitmq-server && command -v rabbitmqctl"])),
-            "fault tests need a local rabbitmq-server installation (they start throwaway nodes)"
+        };
+        assert!(
+            installed,
+            "fault tests need a local rabbitmq-server installation (they start throwaway nodes; TEST_RABBITMQ_BIN_DIR picks another)"
         );
         let n = N.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("relay-fault-{}-{n}", std::process::id()));
@@ -81,12 +94,15 @@ impl Node {
             ));
         }
         std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
-        // The Debian wrapper runs the node as user `rabbitmq`; it must own its dirs.
+        // The Debian wrapper runs the node as user `rabbitmq`; it must own its dirs (or,
+        // for a node of another installation whose `rabbitmq` user has another id, be
+        // able to write them).
         run(Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
             .arg(&dir));
+        run(Command::new("chmod").args(["-R", "a+rwX"]).arg(&dir));
         let name = format!("relayfault-{}-{n}@localhost", std::process::id());
-        let started = Command::new("rabbitmq-server")
+        let started = rabbit("rabbitmq-server")
             .arg("-detached")
             .env("RABBITMQ_NODENAME", &name)
             .env("RABBITMQ_NODE_PORT", port.to_string())
@@ -106,9 +122,82 @@ impl Node {
     }
 
     fn ctl(&self, args: &[&str]) -> bool {
-        run(Command::new("rabbitmqctl")
+        run(rabbit("rabbitmqctl")
             .args(["-n", &self.name, "-q"])
             .args(args))
+    }
+
+    /// `rabbitmqctl` with its output, asserting success.
+    pub fn ctl_output(&self, args: &[&str]) -> String {
+        let out = rabbit("rabbitmqctl")
+            .args(["-n", &self.name, "-q"])
+            .args(args)
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Raises a disk alarm (a free-disk limit no disk meets): the broker blocks every
+    /// publishing connection until [`Node::clear_alarm`].
+    pub fn raise_disk_alarm(&self) {
+        assert!(
+            self.ctl(&["set_disk_free_limit", "1000000GB"]),
+            "set_disk_free_limit"
+        );
+    }
+
+    /// Restores a free-disk limit the machine meets; the alarm clears.
+    pub fn clear_alarm(&self) {
+        assert!(
+            self.ctl(&["set_disk_free_limit", "1MB"]),
+            "set_disk_free_limit"
+        );
+    }
+
+    /// A policy on the queues matching `pattern`.
+    pub fn set_policy(&self, name: &str, pattern: &str, definition: &str) {
+        assert!(
+            self.ctl(&[
+                "set_policy",
+                name,
+                pattern,
+                definition,
+                "--apply-to",
+                "queues"
+            ]),
+            "set_policy {name}"
+        );
+    }
+
+    pub fn clear_policy(&self, name: &str) {
+        assert!(self.ctl(&["clear_policy", name]), "clear_policy {name}");
+    }
+
+    /// Closes every client connection, as a broker-side flap does.
+    pub fn close_all_connections(&self) {
+        assert!(
+            self.ctl(&["close_all_connections", "fault test flap"]),
+            "close_all_connections"
+        );
+    }
+
+    /// The node's OS process id.
+    pub fn os_pid(&self) -> u32 {
+        let out = self.ctl_output(&["eval", "os:getpid()."]);
+        out.trim().trim_matches('"').parse().expect("a pid")
+    }
+
+    /// Freezes the node's process (SIGSTOP): its port still accepts TCP connections
+    /// but nothing answers, like a half-open connection. Resumed on drop.
+    pub fn freeze(&self) -> Frozen {
+        let pid = self.os_pid();
+        assert!(run(Command::new("kill").args(["-STOP", &pid.to_string()])));
+        Frozen { pid }
     }
 
     fn await_startup(&self) {
@@ -137,6 +226,17 @@ impl Node {
     pub fn start_app(&self) {
         assert!(self.ctl(&["start_app"]), "start_app");
         self.await_startup();
+    }
+}
+
+/// A frozen node's process; resumed (SIGCONT) when dropped, also when a test fails.
+pub struct Frozen {
+    pid: u32,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        run(Command::new("kill").args(["-CONT", &self.pid.to_string()]));
     }
 }
 

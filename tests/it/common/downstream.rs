@@ -24,6 +24,8 @@ pub enum Reply {
     Slow(Duration),
     /// Never answer (until the client gives up).
     Hang,
+    /// Wait, then answer this status.
+    SlowStatus(Duration, u16),
 }
 
 /// A per-request rule, consulted before the script: `Some(reply)` decides.
@@ -141,6 +143,7 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
         Reply::Status(c) | Reply::RetryAfter(c, _) => *c,
         Reply::Slow(_) => 200,
         Reply::Hang => 0,
+        Reply::SlowStatus(_, c) => *c,
     };
     s.received.lock().unwrap().push(Received {
         at: Instant::now(),
@@ -160,6 +163,10 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
         Reply::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::OK.into_response()
+        }
+        Reply::SlowStatus(d, code) => {
+            tokio::time::sleep(d).await;
+            StatusCode::from_u16(code).unwrap().into_response()
         }
     };
     s.in_flight.fetch_sub(1, Ordering::SeqCst);
