@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against a real RabbitMQ: the one at AMQP_URL when it
 # answers, else a local rabbitmq-server it starts, else `docker compose up -d rabbitmq`.
+#
+# A second broker version, when given, gets the broker-facing tests too (the
+# integration and fault tests): RABBITMQ4_AMQP_URL is its AMQP URL, and
+# RABBITMQ4_BIN_DIR the folder of its rabbitmq-server and rabbitmqctl, which the fault
+# tests use for their throwaway nodes. CI sets both to a RabbitMQ 4 beside the
+# system's 3.x.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +50,12 @@ else
 fi
 
 cargo test --locked --all-targets "$@"
+
+if [ -n "${RABBITMQ4_AMQP_URL:-}" ]; then
+  echo "test.sh: the broker-facing tests again, against $RABBITMQ4_AMQP_URL${RABBITMQ4_BIN_DIR:+ (throwaway nodes from $RABBITMQ4_BIN_DIR)}"
+  AMQP_URL="$RABBITMQ4_AMQP_URL" TEST_RABBITMQ_BIN_DIR="${RABBITMQ4_BIN_DIR:-}" \
+    cargo test --locked --test it --test fault "$@"
+fi
 
 # The benchmark's smoke run: correctness only (every event delivered or queued exactly
 # as expected, else non-zero), no timing. Skipped when the caller filters the tests.

@@ -266,12 +266,9 @@ async fn refused_retry_publishes_are_retried_without_attempting_again() {
         most <= 3,
         "at most 3 downstream attempts per event: {per_event:?}"
     );
-    // A quorum queue over its limit still takes a publish each time one of its
-    // messages expires, so a few events move on during the refusal; the rest wait.
-    assert!(
-        attempts_while_refused < 2 * total,
-        "most events wait for their retry publish instead of being attempted again"
-    );
+    // A quorum queue over its limit still takes a publish now and then (each time one
+    // of its messages expires), so some events move on during the refusal: what must
+    // hold is that no event is attempted again for it.
     assert!(
         counts.values().all(|&n| n == 0),
         "nothing dead-lettered or left: {counts:?}"

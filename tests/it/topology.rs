@@ -115,7 +115,9 @@ async fn a_message_past_the_work_delivery_limit_is_parked_in_the_dlq() {
     assert_eq!(resp.status(), 202);
     let inspect = Inspector::connect().await;
     let work = app.topology().work.clone();
-    // A consumer that keeps failing it: every return counts as a redelivery.
+    // A consumer that keeps failing it: every return counts as a redelivery. Returned
+    // with `basic.reject`, as the worker does: RabbitMQ 4.3+ no longer counts
+    // `basic.nack` toward the limit, so this pins the way that counts on every version.
     let mut returns = 0;
     while let Some(m) = inspect
         .channel()
@@ -128,10 +130,7 @@ async fn a_message_past_the_work_delivery_limit_is_parked_in_the_dlq() {
     {
         m.delivery
             .acker
-            .nack(lapin::options::BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            })
+            .reject(lapin::options::BasicRejectOptions { requeue: true })
             .await
             .unwrap();
         returns += 1;
