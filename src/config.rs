@@ -58,26 +58,61 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// The broker URL, whose `Debug` hides the password it may carry.
+/// The broker addresses (`AMQP_URL`: one URL, or a cluster's nodes separated by
+/// commas), each checked to be a well-formed AMQP URI; `Debug` hides the passwords.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AmqpUrl(String);
+pub struct AmqpUrl(Vec<String>);
 
-impl std::ops::Deref for AmqpUrl {
-    type Target = str;
-    fn deref(&self) -> &str {
+impl AmqpUrl {
+    /// Parses `AMQP_URL`; a bad address names its position in the list.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let urls: Vec<String> = text.split(',').map(|u| u.trim().to_owned()).collect();
+        let n = urls.len();
+        for (i, url) in urls.iter().enumerate() {
+            let at = if n > 1 {
+                format!("address {} of {n}", i + 1)
+            } else {
+                "the address".to_owned()
+            };
+            if url.is_empty() {
+                return Err(ConfigError::new("AMQP_URL", format!("{at} is empty")));
+            }
+            lapin::uri::AMQPUri::from_str(url).map_err(|e| {
+                ConfigError::new("AMQP_URL", format!("{at} is not a valid AMQP URL ({e})"))
+            })?;
+        }
+        Ok(Self(urls))
+    }
+
+    /// Every address, in the configured order.
+    pub fn urls(&self) -> &[String] {
         &self.0
+    }
+
+    /// The first address: the user and vhost the definitions export names.
+    pub fn first(&self) -> &str {
+        &self.0[0]
     }
 }
 
 impl fmt::Debug for AmqpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match reqwest::Url::parse(&self.0) {
-            Ok(mut u) if u.password().is_some() => {
-                let _ = u.set_password(Some("***"));
-                write!(f, "{:?}", u.as_str())
-            }
-            Ok(u) => write!(f, "{:?}", u.as_str()),
-            Err(_) => f.write_str("\"(unparsable)\""),
+        let shown: Vec<String> = self
+            .0
+            .iter()
+            .map(|url| match reqwest::Url::parse(url) {
+                Ok(mut u) if u.password().is_some() => {
+                    let _ = u.set_password(Some("***"));
+                    u.to_string()
+                }
+                Ok(u) => u.to_string(),
+                Err(_) => "(unparsable)".into(),
+            })
+            .collect();
+        if shown.len() == 1 {
+            write!(f, "{:?}", shown[0])
+        } else {
+            write!(f, "{shown:?}")
         }
     }
 }
@@ -107,7 +142,7 @@ pub struct InboundAuth {
 /// The validated configuration of one relay process.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Broker address, checked to be a well-formed AMQP URI.
+    /// Broker addresses (a cluster's nodes), each checked to be a well-formed AMQP URI.
     pub amqp_url: AmqpUrl,
     /// Where events are forwarded; only the commands that deliver require it.
     pub downstream_url: Option<reqwest::Url>,
@@ -205,9 +240,8 @@ impl Config {
     }
 
     fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
-        let amqp_url = nonblank(raw.amqp_url).unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
-        lapin::uri::AMQPUri::from_str(&amqp_url)
-            .map_err(|e| ConfigError::new("AMQP_URL", format!("not a valid AMQP URL ({e})")))?;
+        let amqp_url =
+            AmqpUrl::parse(&nonblank(raw.amqp_url).unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned()))?;
 
         let downstream_url = nonblank(raw.downstream_url)
             .map(|s| parse_http_url("DOWNSTREAM_URL", &s))
@@ -324,7 +358,7 @@ impl Config {
         };
 
         Ok(Self {
-            amqp_url: AmqpUrl(amqp_url),
+            amqp_url,
             downstream_url,
             listen_addr,
             max_attempts,
@@ -456,7 +490,7 @@ mod tests {
     #[test]
     fn defaults_match_the_spec() {
         let c = cfg(&[("DOWNSTREAM_URL", "http://example.test/hook")]).unwrap();
-        assert_eq!(&*c.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(c.amqp_url.urls(), [DEFAULT_AMQP_URL]);
         assert_eq!(c.listen_addr, "0.0.0.0:8000".parse().unwrap());
         assert_eq!(c.max_attempts, 5);
         assert_eq!(c.backoff_base, Duration::from_millis(1000));

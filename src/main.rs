@@ -214,10 +214,9 @@ async fn stop_on_signal(cancel: CancellationToken) {
 async fn declare(config: Config) -> anyhow::Result<()> {
     let ladder = retry::Ladder::new(config.backoff_base, config.backoff_max);
     let topology = broker::Topology::new(&config.queue_prefix, &ladder);
-    let connection =
-        lapin::Connection::connect(&config.amqp_url, lapin::ConnectionProperties::default())
-            .await
-            .context("connecting to AMQP_URL")?;
+    let connection = broker::connect_any(config.amqp_url.urls(), "webhook-relay declare")
+        .await
+        .context("connecting to AMQP_URL")?;
     let channel = connection.create_channel().await?;
     topology
         .declare(&channel)
@@ -238,13 +237,13 @@ fn topology_of(config: &Config) -> broker::Topology {
 
 fn export(config: &Config) -> anyhow::Result<()> {
     let definitions =
-        broker::definitions::Definitions::new(&topology_of(config), &config.amqp_url)?;
+        broker::definitions::Definitions::new(&topology_of(config), config.amqp_url.first())?;
     print!("{}", definitions.to_pretty_json());
     Ok(())
 }
 
 async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let depths = broker::status::queue_depths(&config.amqp_url, &topology_of(config)).await?;
+    let depths = broker::status::queue_depths(config.amqp_url.urls(), &topology_of(config)).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&depths)?);
     } else {

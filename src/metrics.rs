@@ -30,6 +30,8 @@ pub const PUBLISH_CONFIRM: &str = "webhook_relay_publish_confirm_seconds";
 pub const QUEUE_DEPTH: &str = "webhook_relay_queue_depth";
 /// 1 while the broker session is usable, else 0.
 pub const BROKER_UP: &str = "webhook_relay_broker_up";
+/// 1 for the broker node (`host:port`) the relay is connected to, 0 for the others.
+pub const BROKER_NODE: &str = "webhook_relay_broker_node";
 /// 1 while the broker blocks the relay's publishing connection (memory or disk alarm).
 pub const BROKER_BLOCKED: &str = "webhook_relay_broker_blocked";
 /// Outcome publishes a worker had to try again (nacked, timed out, broker blocking).
@@ -104,6 +106,10 @@ fn describe() {
         "1 while the broker connection is usable, else 0."
     );
     describe_gauge!(
+        BROKER_NODE,
+        "1 for the broker node the relay is connected to, 0 for the other configured ones."
+    );
+    describe_gauge!(
         BROKER_BLOCKED,
         "1 while the broker blocks the relay's publishing connection (memory or disk alarm)."
     );
@@ -133,6 +139,11 @@ pub fn upkeep() {
 pub fn broker_state(up: bool, blocked: bool) {
     gauge!(BROKER_UP).set(if up { 1.0 } else { 0.0 });
     gauge!(BROKER_BLOCKED).set(if blocked { 1.0 } else { 0.0 });
+}
+
+/// Whether the relay is connected to broker `node` (`host:port`) right now.
+pub fn broker_node(node: &str, in_use: bool) {
+    gauge!(BROKER_NODE, "node" => node.to_owned()).set(if in_use { 1.0 } else { 0.0 });
 }
 
 /// `queue` (of `kind` work, retry or dlq) holds `ready` messages.

@@ -44,7 +44,7 @@ impl Relay {
     pub fn new(config: Config, downstream: Option<Downstream>) -> Self {
         let ladder = Ladder::new(config.backoff_base, config.backoff_max);
         let topology = Topology::new(&config.queue_prefix, &ladder);
-        let broker = Broker::start(&config.amqp_url, topology, config.publish_timeout);
+        let broker = Broker::start(config.amqp_url.urls(), topology, config.publish_timeout);
         let policy = Policy {
             max_attempts: config.max_attempts,
             ladder,

@@ -11,7 +11,7 @@ pub mod topology;
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_lapin::Pool;
@@ -206,11 +206,19 @@ impl Session {
     }
 }
 
-struct Inner {
-    /// Connection factory; also serves short-lived connections to the DLQ tools.
+/// One configured broker address.
+struct Node {
+    /// Connection factory for this address; also serves the DLQ tools' connections.
     pool: Pool,
-    /// The broker address as configured, for the pool and for logs (password hidden).
-    node: String,
+    /// `host:port`, for logs, `/readyz` and metrics (never the credentials).
+    name: String,
+}
+
+struct Inner {
+    /// The configured addresses (a cluster's nodes), tried in turn.
+    nodes: Vec<Node>,
+    /// Index into `nodes` of the address in use (or tried next).
+    current: AtomicUsize,
     /// Names and arguments of what must exist before the session counts as usable.
     topology: Topology,
     /// The current usable session, or `None` while the broker is away.
@@ -232,31 +240,24 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts the supervisor, which connects (and reconnects) in the background.
-    pub fn start(amqp_url: &str, topology: Topology, publish_timeout: Duration) -> Self {
-        let config = deadpool_lapin::Config {
-            url: Some(amqp_url.to_owned()),
-            pool: Some(deadpool_lapin::PoolConfig {
-                max_size: 4,
-                timeouts: deadpool_lapin::Timeouts {
-                    wait: Some(Duration::from_secs(10)),
-                    create: Some(Duration::from_secs(10)),
-                    recycle: Some(Duration::from_secs(5)),
-                },
-                queue_mode: Default::default(),
-            }),
-        };
-        let pool = config
-            .create_pool(
-                || ConnectionProperties::default().with_connection_name("webhook-relay".into()),
-                deadpool_lapin::Runtime::Tokio1,
-            )
-            // Only fails for an unsupported runtime; Tokio1 is compiled in.
-            .expect("the tokio runtime is supported");
+    /// Starts the supervisor, which connects (and reconnects) in the background. With
+    /// several addresses (a cluster's nodes) it starts at a random one, so a fleet of
+    /// relays spreads over the nodes, and moves on to the next whenever a connection
+    /// fails or is lost.
+    pub fn start(amqp_urls: &[String], topology: Topology, publish_timeout: Duration) -> Self {
+        assert!(!amqp_urls.is_empty(), "at least one broker address");
+        let nodes = amqp_urls
+            .iter()
+            .map(|url| Node {
+                pool: pool_for(url),
+                name: node_of(url),
+            })
+            .collect::<Vec<_>>();
+        let first = rand::rng().random_range(0..nodes.len());
         let (session, _) = watch::channel(None);
         let inner = Arc::new(Inner {
-            pool,
-            node: node_of(amqp_url),
+            nodes,
+            current: AtomicUsize::new(first),
             topology,
             session,
             publish_timeout,
@@ -297,11 +298,11 @@ impl Broker {
         }
     }
 
-    /// The node in use (`host:port`), or the configured one while disconnected.
+    /// The node in use (`host:port`), or the one tried next while disconnected.
     pub fn node(&self) -> String {
         self.session()
             .map(|s| s.node.clone())
-            .unwrap_or_else(|| self.inner.node.clone())
+            .unwrap_or_else(|| self.inner.node().name.clone())
     }
 
     /// The current session, if any.
@@ -331,6 +332,7 @@ impl Broker {
     /// the session's publishing or consuming connection.
     pub async fn pooled_connection(&self) -> Result<deadpool_lapin::Connection, PublishError> {
         self.inner
+            .node()
             .pool
             .get()
             .await
@@ -449,6 +451,64 @@ impl Broker {
     }
 }
 
+impl Inner {
+    /// The address in use, or tried next.
+    fn node(&self) -> &Node {
+        &self.nodes[self.current.load(Ordering::Relaxed) % self.nodes.len()]
+    }
+
+    /// Moves on to the next address (after a failed connect or a lost connection).
+    fn next_node(&self) {
+        if self.nodes.len() > 1 {
+            let at = self.current.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::debug!(node = %self.nodes[at % self.nodes.len()].name, "trying the next broker address");
+        }
+    }
+}
+
+fn pool_for(amqp_url: &str) -> Pool {
+    let config = deadpool_lapin::Config {
+        url: Some(amqp_url.to_owned()),
+        pool: Some(deadpool_lapin::PoolConfig {
+            max_size: 4,
+            timeouts: deadpool_lapin::Timeouts {
+                wait: Some(Duration::from_secs(10)),
+                create: Some(Duration::from_secs(10)),
+                recycle: Some(Duration::from_secs(5)),
+            },
+            queue_mode: Default::default(),
+        }),
+    };
+    config
+        .create_pool(
+            || ConnectionProperties::default().with_connection_name("webhook-relay".into()),
+            deadpool_lapin::Runtime::Tokio1,
+        )
+        // Only fails for an unsupported runtime; Tokio1 is compiled in.
+        .expect("the tokio runtime is supported")
+}
+
+/// Connects to the first of `amqp_urls` that answers, in order (the tools: DLQ,
+/// status, declare), named `name` in the management UI; the last error when none does.
+pub async fn connect_any(amqp_urls: &[String], name: &str) -> Result<Connection, lapin::Error> {
+    let mut last = None;
+    for url in amqp_urls {
+        match Connection::connect(
+            url,
+            ConnectionProperties::default().with_connection_name(name.into()),
+        )
+        .await
+        {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                tracing::debug!(node = %node_of(url), error = %e, "broker address not reachable");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("at least one broker address"))
+}
+
 /// `host:port` of an AMQP URL, for logs and metrics: never the credentials.
 pub fn node_of(amqp_url: &str) -> String {
     match lapin::uri::AMQPUri::from_str(amqp_url) {
@@ -487,6 +547,9 @@ async fn supervise(inner: Arc<Inner>) {
                 let mut consumer_events = session.consumer.events_listener();
                 inner.session.send_replace(Some(session.clone()));
                 crate::metrics::broker_state(true, false);
+                for n in &inner.nodes {
+                    crate::metrics::broker_node(&n.name, n.name == session.node);
+                }
                 let mut blocked_since: Option<Instant> = None;
                 let mut poll = tokio::time::interval(Duration::from_millis(500));
                 loop {
@@ -532,16 +595,20 @@ async fn supervise(inner: Arc<Inner>) {
                 }
                 inner.session.send_replace(None);
                 crate::metrics::broker_state(false, false);
+                crate::metrics::broker_node(&session.node, false);
                 tracing::warn!(node = %session.node, "lost the broker connection; reconnecting");
                 session.close(320, "relay reconnecting").await;
+                inner.next_node();
             }
             Err(e) => {
                 failures += 1;
+                let node = &inner.node().name;
                 if failures == 1 {
-                    tracing::warn!(node = %inner.node, error = %crate::error_chain(e.as_ref()), "broker unavailable; retrying with backoff");
+                    tracing::warn!(node = %node, error = %crate::error_chain(e.as_ref()), "broker unavailable; retrying with backoff");
                 } else {
-                    tracing::debug!(node = %inner.node, error = %crate::error_chain(e.as_ref()), failures, "broker still unavailable");
+                    tracing::debug!(node = %node, error = %crate::error_chain(e.as_ref()), failures, "broker still unavailable");
                 }
+                inner.next_node();
             }
         }
         let jitter = rand::rng().random_range(0.5..1.0);
@@ -556,8 +623,9 @@ async fn supervise(inner: Arc<Inner>) {
 async fn open_session(inner: &Inner) -> Result<Session, anyhow::Error> {
     // Take the connections out of the pool: the session owns them until it breaks, and
     // a broken one must never be handed to anyone else.
-    let publisher = deadpool_lapin::Object::take(inner.pool.get().await?);
-    let consumer = match inner.pool.get().await {
+    let node = inner.node();
+    let publisher = deadpool_lapin::Object::take(node.pool.get().await?);
+    let consumer = match node.pool.get().await {
         Ok(c) => deadpool_lapin::Object::take(c),
         Err(e) => {
             let _ =
@@ -582,7 +650,7 @@ async fn open_session(inner: &Inner) -> Result<Session, anyhow::Error> {
                 blocked: watch::channel(None).0,
                 refused_while_blocked: AtomicU64::new(0),
                 timeouts_in_a_row: AtomicU32::new(0),
-                node: inner.node.clone(),
+                node: node.name.clone(),
                 publisher,
                 consumer,
                 channel: std::sync::RwLock::new(channel),

@@ -1,7 +1,7 @@
 //! Queue depths of the topology over plain AMQP (passive declares), for
 //! `topology status` and the demo script: no management plugin needed.
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use serde::Serialize;
 
 use super::Topology;
@@ -53,14 +53,10 @@ pub enum StatusError {
 
 /// Reads the depth of every queue of `topology`, in ladder order.
 pub async fn queue_depths(
-    amqp_url: &str,
+    amqp_urls: &[String],
     topology: &Topology,
 ) -> Result<Vec<QueueDepth>, StatusError> {
-    let connection = Connection::connect(
-        amqp_url,
-        ConnectionProperties::default().with_connection_name("webhook-relay status".into()),
-    )
-    .await?;
+    let connection = super::connect_any(amqp_urls, "webhook-relay status").await?;
     let result = read_depths(&connection, topology).await;
     let _ = connection.close(200, "status read".into()).await;
     result

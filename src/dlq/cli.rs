@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -165,12 +165,7 @@ pub async fn run(config: &Config, command: DlqCommand) -> ExitCode {
         _ => None,
     };
 
-    let conn = match Connection::connect(
-        &config.amqp_url,
-        ConnectionProperties::default().with_connection_name("webhook-relay dlq".into()),
-    )
-    .await
-    {
+    let conn = match crate::broker::connect_any(config.amqp_url.urls(), "webhook-relay dlq").await {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
