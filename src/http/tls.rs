@@ -58,17 +58,33 @@ fn load(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey, Con
     })
 }
 
-/// When each file was last changed and how long it is: a renewal changes at least one.
-/// `None` for a file that cannot be looked at (being replaced, say).
-type Stamp = [Option<(SystemTime, u64)>; 2];
+/// What a file looked like: a renewal changes at least one of these. The inode catches
+/// a file replaced by rename within the modification time's granularity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
+}
+
+/// The stamps of the certificate and key files; `None` for a file that cannot be
+/// looked at (being replaced, say).
+type Stamp = [Option<FileStamp>; 2];
 
 fn stamp(files: &TlsFiles) -> Stamp {
     // `metadata` follows symlinks: certbot's `live/` links and cert-manager's `..data`
     // swap change the target, which is what is stamped.
     let of = |p: &std::path::Path| {
-        std::fs::metadata(p)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())))
+        let m = std::fs::metadata(p).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(FileStamp {
+            modified: m.modified().ok()?,
+            len: m.len(),
+            inode,
+        })
     };
     [of(&files.cert), of(&files.key)]
 }
