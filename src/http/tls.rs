@@ -62,8 +62,11 @@ fn load(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey, Con
 /// a file replaced by rename within the modification time's granularity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileStamp {
+    /// Last modification time.
     modified: SystemTime,
+    /// Size in bytes.
     len: u64,
+    /// Inode number (0 where there is none).
     inode: u64,
 }
 
