@@ -128,7 +128,12 @@ impl App {
         } = self;
         let grace = relay.config.shutdown_grace;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tracing::info!(role = role.name(), addr = %listener.local_addr()?, scheme, "webhook-relay started");
+        tracing::info!(
+            role = role.name(),
+            addr = %listener.local_addr()?,
+            scheme,
+            "webhook-relay started"
+        );
 
         let router = if role.receives() {
             crate::http::receiver_router(relay.clone())
@@ -143,7 +148,9 @@ impl App {
             cancel.clone(),
         ));
         let admin = admin_listener.map(|admin_listener| {
-            tracing::info!(addr = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener started (metrics, admin)");
+            if let Ok(addr) = admin_listener.local_addr() {
+                tracing::info!(%addr, "admin listener started (metrics, admin)");
+            }
             tokio::spawn(crate::http::server::serve(
                 admin_listener,
                 crate::http::admin_router(relay.clone()),
