@@ -1,11 +1,13 @@
-//! Startup: builds the relay for a command, binds the listener, runs the receiver
-//! and/or workers until the cancellation token fires, then shuts down in order.
+//! Startup: builds the relay for a command, binds the listeners (and loads the TLS
+//! certificate), runs the receiver and/or workers until the cancellation token fires,
+//! then shuts down in order.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -45,12 +47,18 @@ pub struct App {
     relay: Arc<Relay>,
     /// The bound HTTP listener (port 0 in tests).
     listener: TcpListener,
+    /// HTTPS on `listener` when the TLS files are configured.
+    tls: Option<TlsAcceptor>,
+    /// The bound `ADMIN_LISTEN_ADDR` listener, serving metrics and admin in plain HTTP.
+    admin_listener: Option<TcpListener>,
     /// What this process does.
     role: Role,
 }
 
 impl App {
-    /// Builds the relay for `role` and binds `config.listen_addr`.
+    /// Builds the relay for `role`, loads the TLS files and binds `config.listen_addr`
+    /// and `config.admin_listen_addr`, so a bad file or address fails before anything
+    /// connects. A bad TLS file is a [`crate::config::ConfigError`].
     pub async fn build(config: Config, role: Role) -> anyhow::Result<Self> {
         let delivers = role.works() || config.inline_delivery;
         let downstream = if delivers {
@@ -64,13 +72,28 @@ impl App {
         } else {
             None
         };
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::http::tls::acceptor)
+            .transpose()?;
         crate::metrics::install();
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
+        let admin_listener = match config.admin_listen_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding ADMIN_LISTEN_ADDR {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             relay: Arc::new(Relay::new(config, downstream)),
             listener,
+            tls,
+            admin_listener,
             role,
         })
     }
@@ -80,6 +103,13 @@ impl App {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The address the admin listener actually bound, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("a bound listener has an address"))
     }
 
     /// The relay core (tests inspect its broker handle).
@@ -92,10 +122,18 @@ impl App {
         let Self {
             relay,
             listener,
+            tls,
+            admin_listener,
             role,
         } = self;
         let grace = relay.config.shutdown_grace;
-        tracing::info!(role = role.name(), addr = %listener.local_addr()?, "webhook-relay started");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(
+            role = role.name(),
+            addr = %listener.local_addr()?,
+            scheme,
+            "webhook-relay started"
+        );
 
         let router = if role.receives() {
             crate::http::receiver_router(relay.clone())
@@ -106,8 +144,21 @@ impl App {
             listener,
             router,
             relay.config.request_timeout,
+            tls,
             cancel.clone(),
         ));
+        let admin = admin_listener.map(|admin_listener| {
+            if let Ok(addr) = admin_listener.local_addr() {
+                tracing::info!(%addr, "admin listener started (metrics, admin)");
+            }
+            tokio::spawn(crate::http::server::serve(
+                admin_listener,
+                crate::http::admin_router(relay.clone()),
+                relay.config.request_timeout,
+                None,
+                cancel.clone(),
+            ))
+        });
         let worker = role
             .works()
             .then(|| tokio::spawn(crate::worker::run(relay.clone(), cancel.clone())));
@@ -117,6 +168,7 @@ impl App {
         ));
 
         cancel.cancelled().await;
+        let stopping = tokio::time::Instant::now();
         tracing::info!(
             grace_ms = grace.as_millis() as u64,
             "stopping: no new intake, finishing in-flight work"
@@ -129,6 +181,15 @@ impl App {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
             Err(_) => tracing::warn!("HTTP requests still open after the grace; closing them"),
+        }
+        if let Some(admin) = admin {
+            // Admin requests (a long replay) share the same grace.
+            if tokio::time::timeout_at(stopping + grace, admin)
+                .await
+                .is_err()
+            {
+                tracing::warn!("admin requests still open after the grace; closing them");
+            }
         }
         if let Some(worker) = worker {
             // The worker bounds its own wait by the grace; this bounds anything else.

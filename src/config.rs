@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -139,6 +140,16 @@ pub struct InboundAuth {
     pub hmac_secret: Option<Secret>,
 }
 
+/// Where the receiver's certificate chain and private key live (SPEC §4.6): PEM files,
+/// read at start-up and again whenever they change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `TLS_CERT_FILE`: the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// `TLS_KEY_FILE`: the private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 /// The validated configuration of one relay process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -185,6 +196,16 @@ pub struct Config {
     pub genesys: crate::genesys::GenesysSettings,
     /// Log output format.
     pub log_format: LogFormat,
+
+    // HTTPS, the admin listener and header forwarding (SPEC §4.3, §4.6).
+    /// Serve HTTPS on `listen_addr` with these files; plain HTTP when `None`.
+    pub tls: Option<TlsFiles>,
+    /// Where `/admin/...` and `/metrics` are served instead of `listen_addr`, so the
+    /// operations surface can stay on an internal network.
+    pub admin_listen_addr: Option<SocketAddr>,
+    /// `FORWARD_HEADERS`: when set, only these request headers (and `content-type`)
+    /// travel to the downstream, instead of all but the excluded ones.
+    pub forward_headers: Option<Vec<http::HeaderName>>,
 }
 
 /// The variables as strings, exactly as envy reads them from the environment.
@@ -217,6 +238,10 @@ struct RawEnv {
     inbound_basic_auth: Option<String>,
     inbound_hmac_secret: Option<String>,
     log_format: Option<String>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    admin_listen_addr: Option<String>,
+    forward_headers: Option<String>,
 }
 
 impl Config {
@@ -247,15 +272,10 @@ impl Config {
             .map(|s| parse_http_url("DOWNSTREAM_URL", &s))
             .transpose()?;
 
-        let listen_addr = match nonblank(raw.listen_addr) {
-            None => SocketAddr::from(([0, 0, 0, 0], 8000)),
-            Some(s) => s.parse().map_err(|_| {
-                ConfigError::new(
-                    "LISTEN_ADDR",
-                    format!("expected host:port such as 0.0.0.0:8000, got {s:?}"),
-                )
-            })?,
-        };
+        let listen_addr = nonblank(raw.listen_addr)
+            .map(|s| socket_addr("LISTEN_ADDR", &s))
+            .transpose()?
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8000)));
 
         let max_attempts: u32 = number("MAX_ATTEMPTS", raw.max_attempts, 5)?;
         if max_attempts == 0 {
@@ -345,6 +365,15 @@ impl Config {
                 "expected user:pass (the colon is missing)",
             ));
         }
+        let inbound_token = nonblank(raw.inbound_token).map(Secret);
+        if inbound_token.is_some() && basic_auth.is_some() && inbound_token_header.is_none() {
+            // Both would need the one Authorization header, so no request could pass.
+            return Err(ConfigError::new(
+                "INBOUND_TOKEN_HEADER",
+                "must be set when INBOUND_TOKEN and INBOUND_BASIC_AUTH are both set \
+                 (a bearer token and Basic credentials cannot share the Authorization header)",
+            ));
+        }
 
         let log_format = match nonblank(raw.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -356,6 +385,33 @@ impl Config {
                 ));
             }
         };
+
+        let tls = match (nonblank(raw.tls_cert_file), nonblank(raw.tls_key_file)) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "TLS_KEY_FILE",
+                    "is required when TLS_CERT_FILE is set (both or neither)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "TLS_CERT_FILE",
+                    "is required when TLS_KEY_FILE is set (both or neither)",
+                ));
+            }
+        };
+        let admin_listen_addr = nonblank(raw.admin_listen_addr)
+            .map(|s| socket_addr("ADMIN_LISTEN_ADDR", &s))
+            .transpose()?;
+        let forward_headers = nonblank(raw.forward_headers)
+            .map(|list| crate::event::parse_header_list(&list))
+            .transpose()
+            .map_err(|e| ConfigError::new("FORWARD_HEADERS", e))?;
 
         Ok(Self {
             amqp_url,
@@ -375,7 +431,7 @@ impl Config {
             publish_timeout: Duration::from_millis(publish_timeout_ms),
             admin_token: nonblank(raw.admin_token).map(Secret),
             inbound: InboundAuth {
-                token: nonblank(raw.inbound_token).map(Secret),
+                token: inbound_token,
                 token_header: inbound_token_header,
                 basic_auth,
                 hmac_secret: nonblank(raw.inbound_hmac_secret).map(Secret),
@@ -384,6 +440,9 @@ impl Config {
             downstream_signing,
             genesys,
             log_format,
+            tls,
+            admin_listen_addr,
+            forward_headers,
         })
     }
 
@@ -445,6 +504,15 @@ fn boolean(var: &'static str, raw: Option<String>, default: bool) -> Result<bool
             format!("expected true or false, got {other:?}"),
         )),
     }
+}
+
+fn socket_addr(var: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.trim().parse().map_err(|_| {
+        ConfigError::new(
+            var,
+            format!("expected host:port such as 0.0.0.0:8000, got {s:?}"),
+        )
+    })
 }
 
 fn parse_http_url(var: &'static str, s: &str) -> Result<reqwest::Url, ConfigError> {
@@ -548,11 +616,79 @@ mod tests {
                 "DOWNSTREAM_SIGNING_SECRET",
             ),
             (vec![("GENESYS_REGION", "atlantis")], "GENESYS_REGION"),
+            (vec![("TLS_CERT_FILE", "cert.pem")], "TLS_KEY_FILE"),
+            (vec![("TLS_KEY_FILE", "key.pem")], "TLS_CERT_FILE"),
+            (vec![("ADMIN_LISTEN_ADDR", "9090")], "ADMIN_LISTEN_ADDR"),
+            (
+                vec![("FORWARD_HEADERS", "x-ok, bad header")],
+                "FORWARD_HEADERS",
+            ),
+            (
+                vec![("INBOUND_TOKEN", "t"), ("INBOUND_BASIC_AUTH", "u:p")],
+                "INBOUND_TOKEN_HEADER",
+            ),
         ] {
             let err = cfg(&vars).unwrap_err();
             assert_eq!(err.var, var, "{vars:?} gave {err}");
             assert!(err.to_string().starts_with(var));
         }
+    }
+
+    #[test]
+    fn token_and_basic_together_need_a_token_header() {
+        let err = cfg(&[("INBOUND_TOKEN", "t"), ("INBOUND_BASIC_AUTH", "u:p")]).unwrap_err();
+        let text = err.to_string();
+        for var in [
+            "INBOUND_TOKEN_HEADER",
+            "INBOUND_TOKEN",
+            "INBOUND_BASIC_AUTH",
+        ] {
+            assert!(text.contains(var), "{text} names {var}");
+        }
+        // `Authorization` as the token header is the bearer case again: still refused.
+        assert!(
+            cfg(&[
+                ("INBOUND_TOKEN", "t"),
+                ("INBOUND_BASIC_AUTH", "u:p"),
+                ("INBOUND_TOKEN_HEADER", "Authorization"),
+            ])
+            .is_err()
+        );
+        let c = cfg(&[
+            ("INBOUND_TOKEN", "t"),
+            ("INBOUND_BASIC_AUTH", "u:p"),
+            ("INBOUND_TOKEN_HEADER", "X-Relay-Token"),
+        ])
+        .unwrap();
+        assert!(c.inbound.token.is_some() && c.inbound.basic_auth.is_some());
+    }
+
+    #[test]
+    fn https_admin_listener_and_forward_headers() {
+        let c = cfg(&[]).unwrap();
+        assert!(c.tls.is_none() && c.admin_listen_addr.is_none() && c.forward_headers.is_none());
+        let c = cfg(&[
+            ("TLS_CERT_FILE", "/etc/relay/fullchain.pem"),
+            ("TLS_KEY_FILE", "/etc/relay/privkey.pem"),
+            ("ADMIN_LISTEN_ADDR", "127.0.0.1:9090"),
+            (
+                "FORWARD_HEADERS",
+                "X-Request-Id, x-genesys-cloud-webhook-name,",
+            ),
+        ])
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/relay/fullchain.pem"));
+        assert_eq!(tls.key, PathBuf::from("/etc/relay/privkey.pem"));
+        assert_eq!(c.admin_listen_addr, Some("127.0.0.1:9090".parse().unwrap()));
+        let names: Vec<&str> = c
+            .forward_headers
+            .as_deref()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str())
+            .collect();
+        assert_eq!(names, ["x-request-id", "x-genesys-cloud-webhook-name"]);
     }
 
     #[test]

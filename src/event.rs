@@ -8,7 +8,8 @@ use serde_json::Value;
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Header the relay adds on forwarding: the 1-based attempt number.
 pub const RELAY_ATTEMPT: &str = "x-relay-attempt";
-/// Header Genesys Cloud sets with the webhook's configured name.
+/// Header naming the webhook, the prototype's fallback for the name. No Genesys product
+/// sets it by itself; a sender may (a data action's request template can).
 pub const GENESYS_WEBHOOK_NAME: &str = "x-genesys-cloud-webhook-name";
 /// Open Messaging's body signature header; an inbound credential, never forwarded.
 pub const HUB_SIGNATURE: &str = "x-hub-signature-256";
@@ -115,14 +116,36 @@ const NOT_FORWARDED: &[&str] = &[
     RELAY_ATTEMPT,
 ];
 
+/// Parses a `FORWARD_HEADERS` list: comma-separated header names, case-insensitive,
+/// blanks ignored. An empty list is refused (it would forward only `content-type`,
+/// which is more likely a typo than an intent).
+pub fn parse_header_list(list: &str) -> Result<Vec<HeaderName>, String> {
+    let mut names: Vec<HeaderName> = Vec::new();
+    for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let name = HeaderName::from_bytes(raw.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("not a valid header name: {raw:?}"))?;
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        return Err("expected comma-separated header names".into());
+    }
+    Ok(names)
+}
+
 /// The request headers that travel to the downstream, in order, as (name, raw value).
 ///
 /// Drops hop-by-hop headers (including any named by `Connection`), `host`,
 /// `content-length`, and the inbound credentials: `authorization`, the configured
-/// token header and `x-hub-signature-256`.
+/// token header and `x-hub-signature-256`. With an `allow` list (`FORWARD_HEADERS`),
+/// only the listed headers and `content-type` are kept of what remains, so headers a
+/// downstream might trust (`x-forwarded-for`, `cookie`, API keys) never reach it
+/// unless named.
 pub fn forwarded_headers(
     headers: &HeaderMap,
     token_header: Option<&HeaderName>,
+    allow: Option<&[HeaderName]>,
 ) -> Vec<(String, Vec<u8>)> {
     let named_by_connection: Vec<String> = headers
         .get_all(header::CONNECTION)
@@ -140,6 +163,7 @@ pub fn forwarded_headers(
                 && !NOT_FORWARDED.contains(&n)
                 && Some(*name) != token_header
                 && !named_by_connection.iter().any(|c| c == n)
+                && allow.is_none_or(|list| *name == header::CONTENT_TYPE || list.contains(name))
         })
         .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
         .collect()
@@ -253,7 +277,7 @@ mod tests {
             ("x-trace", "b"),
         ]);
         let token = HeaderName::from_static("x-api-key");
-        let fwd = forwarded_headers(&h, Some(&token));
+        let fwd = forwarded_headers(&h, Some(&token), None);
         let names: Vec<&str> = fwd.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -266,7 +290,58 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_allowlist_keeps_only_listed_headers_and_content_type() {
+        let h = headers(&[
+            ("content-type", "application/json"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("cookie", "session=1"),
+            ("x-api-key", "inbound-secret"),
+            ("x-request-id", "r-1"),
+            ("authorization", "Bearer secret"),
+            ("x-hub-signature-256", "sha256=abc"),
+            ("idempotency-key", "k"),
+            ("connection", "x-request-id"),
+        ]);
+        let allow = parse_header_list("X-Request-Id, authorization, x-api-key").unwrap();
+        let token = HeaderName::from_static("x-api-key");
+        let fwd = forwarded_headers(&h, Some(&token), Some(&allow));
+        let names: Vec<&str> = fwd.iter().map(|(n, _)| n.as_str()).collect();
+        // x-request-id is listed but named by Connection (hop-by-hop); credentials
+        // stay behind even when listed.
+        assert_eq!(names, ["content-type"]);
+
+        let h = headers(&[("x-request-id", "r-1"), ("x-other", "o")]);
+        let fwd = forwarded_headers(&h, None, Some(&allow));
+        assert_eq!(fwd, vec![("x-request-id".to_owned(), b"r-1".to_vec())]);
+    }
+
+    #[test]
+    fn header_lists_parse_case_insensitively() {
+        let names = parse_header_list(" X-A ,x-b,,X-a ").unwrap();
+        assert_eq!(names, ["x-a", "x-b"]);
+        assert!(parse_header_list(" , ").is_err());
+        assert!(parse_header_list("x-ok, not ok").is_err());
+    }
+
     proptest! {
+        #[test]
+        fn the_allowlist_forwards_a_subset_of_listed_headers(
+            pairs in proptest::collection::vec(("[a-e]{1,2}", "[a-z0-9]{0,4}"), 0..12),
+            listed in proptest::collection::vec("[a-e]{1,2}", 1..4),
+        ) {
+            let mut h = HeaderMap::new();
+            for (k, v) in &pairs {
+                h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            }
+            let allow: Vec<HeaderName> = listed.iter().map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap()).collect();
+            let all = forwarded_headers(&h, None, None);
+            let some = forwarded_headers(&h, None, Some(&allow));
+            // Exactly the unfiltered forwarding, restricted to the listed names.
+            let expected: Vec<_> = all.into_iter().filter(|(n, _)| listed.contains(n)).collect();
+            prop_assert_eq!(some, expected);
+        }
+
         #[test]
         fn extraction_never_panics_and_ids_are_header_safe(
             body in proptest::collection::vec(any::<u8>(), 0..512),

@@ -25,8 +25,9 @@ const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Bound on one token request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Genesys Cloud regions: the AWS region name and the domain the platform lives under.
-/// `GENESYS_REGION` accepts either; the token endpoint is `https://login.<domain>`.
+/// Genesys Cloud regions, as in the region table of the Genesys platform SDKs: the AWS
+/// region name and the domain the platform lives under. `GENESYS_REGION` accepts
+/// either; the token endpoint is `https://login.<domain>`.
 pub const REGIONS: &[(&str, &str)] = &[
     ("us-east-1", "mypurecloud.com"),
     ("us-east-2", "use2.us-gov-pure.cloud"),
@@ -42,7 +43,11 @@ pub const REGIONS: &[(&str, &str)] = &[
     ("ap-northeast-1", "mypurecloud.jp"),
     ("ap-northeast-2", "apne2.pure.cloud"),
     ("ap-northeast-3", "apne3.pure.cloud"),
+    ("ap-southeast-1", "apse1.pure.cloud"),
     ("ap-southeast-2", "mypurecloud.com.au"),
+    ("mx-central-1", "mxc1.pure.cloud"),
+    // The EU sovereign cloud lives under its own parent domain.
+    ("eusc-de-east-1", "edee1.eusc-pure.cloud"),
 ];
 
 /// The domain of a region given by domain (`mypurecloud.ie`, also with a `login.`,
@@ -657,6 +662,43 @@ mod tests {
 
     fn value(t: &Token) -> &str {
         t.issued.access_token.expose()
+    }
+
+    #[test]
+    fn the_region_table_is_the_sdks_18_regions() {
+        let expected = [
+            ("us-east-1", "mypurecloud.com"),
+            ("us-east-2", "use2.us-gov-pure.cloud"),
+            ("us-west-2", "usw2.pure.cloud"),
+            ("ca-central-1", "cac1.pure.cloud"),
+            ("sa-east-1", "sae1.pure.cloud"),
+            ("mx-central-1", "mxc1.pure.cloud"),
+            ("eu-west-1", "mypurecloud.ie"),
+            ("eu-west-2", "euw2.pure.cloud"),
+            ("eu-central-1", "mypurecloud.de"),
+            ("eu-central-2", "euc2.pure.cloud"),
+            ("eusc-de-east-1", "edee1.eusc-pure.cloud"),
+            ("me-central-1", "mec1.pure.cloud"),
+            ("ap-south-1", "aps1.pure.cloud"),
+            ("ap-northeast-1", "mypurecloud.jp"),
+            ("ap-northeast-2", "apne2.pure.cloud"),
+            ("ap-northeast-3", "apne3.pure.cloud"),
+            ("ap-southeast-1", "apse1.pure.cloud"),
+            ("ap-southeast-2", "mypurecloud.com.au"),
+        ];
+        let mut table: Vec<(&str, &str)> = REGIONS.to_vec();
+        let mut expected = expected.to_vec();
+        table.sort();
+        expected.sort();
+        assert_eq!(table, expected);
+        for (aws, domain) in expected {
+            assert_eq!(region_domain(aws), Some(domain), "{aws}");
+            assert_eq!(
+                region_domain(&format!("login.{domain}")),
+                Some(domain),
+                "{domain}"
+            );
+        }
     }
 
     #[test]

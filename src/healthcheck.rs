@@ -1,6 +1,8 @@
 //! `webhook-relay healthcheck URL`: the container `HEALTHCHECK`, so the runtime image
-//! needs no curl. One GET; healthy means a 2xx answer within the timeout.
+//! needs no curl. One GET over http:// or https://; healthy means a 2xx answer within
+//! the timeout.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -11,6 +13,14 @@ pub enum HealthError {
     /// The URL is not an http(s) URL; fix the command line.
     #[error("not an http:// or https:// URL: {0:?}")]
     BadUrl(String),
+    /// The `--ca-file` cannot be read or holds no PEM certificate; fix the command line.
+    #[error("--ca-file {path}: {problem}")]
+    BadCaFile {
+        /// The file given.
+        path: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// No answer: refused, reset, or slower than the timeout.
     #[error("no answer from {url}")]
     Unreachable {
@@ -30,6 +40,18 @@ pub enum HealthError {
     },
 }
 
+/// Which certificates an https:// check accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The system's CA store: a certificate from a public CA, checked against the host.
+    System,
+    /// Also this PEM file: a private CA, or a self-signed certificate itself.
+    CaFile(PathBuf),
+    /// Any certificate, any host name: only proves a TLS server answers. For a probe of
+    /// the process itself over loopback, where the certificate names the public host.
+    AnyCertificate,
+}
+
 /// Whether a status counts as healthy: any 2xx, and nothing else (a redirect is not
 /// followed, so it does not count).
 pub fn is_healthy(status: StatusCode) -> bool {
@@ -37,12 +59,30 @@ pub fn is_healthy(status: StatusCode) -> bool {
 }
 
 /// GETs `url` once; `Ok` with the status when it is healthy.
-pub async fn check(url: &str, timeout: Duration) -> Result<StatusCode, HealthError> {
+pub async fn check(url: &str, timeout: Duration, trust: &Trust) -> Result<StatusCode, HealthError> {
     let parsed = reqwest::Url::parse(url).map_err(|_| HealthError::BadUrl(url.to_owned()))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(HealthError::BadUrl(url.to_owned()));
     }
-    let client = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    match trust {
+        Trust::System => {}
+        Trust::CaFile(path) => {
+            let bad = |problem: String| HealthError::BadCaFile {
+                path: path.display().to_string(),
+                problem,
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| bad(format!("not PEM certificates ({e})")))?;
+            if certs.is_empty() {
+                return Err(bad("holds no PEM certificate".into()));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        Trust::AnyCertificate => builder = builder.danger_accept_invalid_certs(true),
+    }
+    let client = builder
         .timeout(timeout)
         .connect_timeout(timeout)
         // The probe asks this process about itself: never through a proxy from the environment.
@@ -87,7 +127,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_non_http_url_is_refused_before_any_request() {
-        let err = check("ftp://127.0.0.1/", Duration::from_secs(1))
+        let err = check("ftp://127.0.0.1/", Duration::from_secs(1), &Trust::System)
             .await
             .unwrap_err();
         assert!(matches!(err, HealthError::BadUrl(_)), "{err}");

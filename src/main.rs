@@ -35,11 +35,18 @@ enum Command {
     },
     /// GET a URL; exit 0 on a 2xx answer, 1 otherwise (the container HEALTHCHECK).
     Healthcheck {
-        /// The URL to check, e.g. http://127.0.0.1:8000/healthz.
+        /// The URL to check, e.g. http://127.0.0.1:8000/healthz or https://... with TLS.
         url: String,
         /// Give up after this many milliseconds.
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
+        /// Trust this PEM CA certificate (or the self-signed certificate itself) for https://.
+        #[arg(long, value_name = "PEM_FILE")]
+        ca_file: Option<std::path::PathBuf>,
+        /// Accept any certificate for https:// (a probe of this process over loopback,
+        /// where the certificate names the public host).
+        #[arg(long, conflicts_with = "ca_file")]
+        insecure: bool,
     },
     /// A demo downstream that fails and stalls a share of requests (DEMO_* variables).
     DemoDownstream,
@@ -67,7 +74,13 @@ enum TopologyAction {
     /// Declare the exchange and every queue (idempotent), then exit.
     Declare,
     /// Print RabbitMQ definitions (user, vhost, exchange, queues, binding) as JSON.
-    Export,
+    /// The relay's user (from AMQP_URL) may use only the names under QUEUE_PREFIX.
+    Export {
+        /// Also an administrator login for the management UI, as user:pass
+        /// (compose: guest:guest). Must differ from the relay's user.
+        #[arg(long, value_name = "USER:PASS")]
+        management_login: Option<broker::definitions::ManagementLogin>,
+    },
     /// Print the message and consumer counts of every queue.
     Status {
         /// One JSON document instead of a table.
@@ -96,6 +109,12 @@ fn main() -> ExitCode {
     telemetry::init(config.log_format);
     match runtime.block_on(run(command, config)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Found while building (a TLS file that does not parse): still the operator's
+        // configuration to fix, reported as such.
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("webhook-relay: configuration error: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("webhook-relay: {e:#}");
             ExitCode::FAILURE
@@ -142,14 +161,25 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             action: TopologyAction::Declare,
         } => declare(config).await,
         Command::Topology {
-            action: TopologyAction::Export,
-        } => export(&config),
+            action: TopologyAction::Export { management_login },
+        } => export(&config, management_login.as_ref()),
         Command::Topology {
             action: TopologyAction::Status { json },
         } => status(&config, json).await,
-        Command::Healthcheck { url, timeout_ms } => {
+        Command::Healthcheck {
+            url,
+            timeout_ms,
+            ca_file,
+            insecure,
+        } => {
+            let trust = match (ca_file, insecure) {
+                (Some(path), _) => webhook_relay::healthcheck::Trust::CaFile(path),
+                (None, true) => webhook_relay::healthcheck::Trust::AnyCertificate,
+                (None, false) => webhook_relay::healthcheck::Trust::System,
+            };
             let status =
-                webhook_relay::healthcheck::check(&url, Duration::from_millis(timeout_ms)).await?;
+                webhook_relay::healthcheck::check(&url, Duration::from_millis(timeout_ms), &trust)
+                    .await?;
             println!("{url}: {status}");
             Ok(())
         }
@@ -235,9 +265,15 @@ fn topology_of(config: &Config) -> broker::Topology {
     broker::Topology::new(&config.queue_prefix, &ladder)
 }
 
-fn export(config: &Config) -> anyhow::Result<()> {
-    let definitions =
-        broker::definitions::Definitions::new(&topology_of(config), config.amqp_url.first())?;
+fn export(
+    config: &Config,
+    management: Option<&broker::definitions::ManagementLogin>,
+) -> anyhow::Result<()> {
+    let definitions = broker::definitions::Definitions::new(
+        &topology_of(config),
+        config.amqp_url.first(),
+        management,
+    )?;
     print!("{}", definitions.to_pretty_json());
     Ok(())
 }

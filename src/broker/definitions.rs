@@ -24,17 +24,48 @@ pub enum DefinitionsError {
     /// The broker URL does not parse; fix `AMQP_URL`.
     #[error("AMQP_URL is not a valid AMQP URL: {0}")]
     AmqpUrl(String),
+    /// The management login is not `user:pass`, or is the relay's own user (which
+    /// would then get administrator rights); choose another name.
+    #[error("management login: {0}")]
+    ManagementLogin(String),
+}
+
+/// A login for people (the management UI), added next to the relay's own user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagementLogin {
+    /// Login name.
+    pub user: String,
+    /// Its password (hashed in the export, never written out).
+    pub password: String,
+}
+
+impl std::str::FromStr for ManagementLogin {
+    type Err = DefinitionsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some((user, password)) if !user.is_empty() => Ok(Self {
+                user: user.to_owned(),
+                password: password.to_owned(),
+            }),
+            _ => Err(DefinitionsError::ManagementLogin(
+                "expected user:pass".into(),
+            )),
+        }
+    }
 }
 
 /// A full definitions document: the login the relay uses, its vhost, and the topology.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Definitions {
-    /// The relay's broker user. On a blank node that imports definitions the broker
-    /// does not create its default user, so without this entry nobody could log in.
+    /// The relay's broker user, and the management login when one is asked for. On a
+    /// blank node that imports definitions the broker does not create its default
+    /// user, so without these entries nobody could log in.
     pub users: Vec<User>,
     /// The vhost of `AMQP_URL`.
     pub vhosts: Vec<Vhost>,
-    /// Full rights for the user on the vhost (the relay declares and deletes queues).
+    /// The relay's rights: only its own names (plus publishing to the default
+    /// exchange); the management login's: everything on the vhost.
     pub permissions: Vec<Permission>,
     /// The work exchange.
     pub exchanges: Vec<Exchange>,
@@ -53,7 +84,8 @@ pub struct User {
     pub password_hash: String,
     /// How `password_hash` was made.
     pub hashing_algorithm: &'static str,
-    /// `administrator`, so the same login opens the management UI.
+    /// None for the relay (it needs no management access); `administrator` for the
+    /// management login.
     pub tags: Vec<&'static str>,
 }
 
@@ -72,11 +104,40 @@ pub struct Permission {
     /// The vhost.
     pub vhost: String,
     /// Resources the user may declare and delete.
-    pub configure: &'static str,
+    pub configure: String,
     /// Resources the user may publish to.
-    pub write: &'static str,
+    pub write: String,
     /// Resources the user may consume from.
-    pub read: &'static str,
+    pub read: String,
+}
+
+/// What the relay needs on a vhost, and nothing more: declare, delete, consume from and
+/// publish to the names under its prefix. Writing also covers the default exchange
+/// (`amq.default` to the broker's permission checks): retries and the DLQ are
+/// published there, and RabbitMQ checks the same right when a queue is declared with
+/// it as its dead-letter exchange.
+pub fn relay_permission(user: &str, vhost: &str, prefix: &str) -> Permission {
+    let own = format!("^{}\\.", regex_escape(prefix));
+    Permission {
+        user: user.to_owned(),
+        vhost: vhost.to_owned(),
+        configure: own.clone(),
+        write: format!("^({}\\..*|amq\\.default)$", regex_escape(prefix)),
+        read: own,
+    }
+}
+
+/// `s` with every regular-expression metacharacter escaped, so a prefix such as
+/// `acme.prod` matches itself only (not `acmexprod`).
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$-#&~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// An exchange.
@@ -133,12 +194,22 @@ pub struct Binding {
 }
 
 impl Definitions {
-    /// Definitions for `topology` on the broker, user and vhost named by `amqp_url`.
-    pub fn new(topology: &Topology, amqp_url: &str) -> Result<Self, DefinitionsError> {
+    /// Definitions for `topology` on the broker, user and vhost named by `amqp_url`,
+    /// with a `management` login for people when given.
+    pub fn new(
+        topology: &Topology,
+        amqp_url: &str,
+        management: Option<&ManagementLogin>,
+    ) -> Result<Self, DefinitionsError> {
         let uri = AMQPUri::from_str(amqp_url).map_err(DefinitionsError::AmqpUrl)?;
         let user = uri.authority.userinfo.username;
         let password = uri.authority.userinfo.password;
         let vhost = uri.vhost;
+        if management.is_some_and(|m| m.user == user) {
+            return Err(DefinitionsError::ManagementLogin(format!(
+                "{user:?} is the relay's own user (AMQP_URL); the UI login must be another"
+            )));
+        }
         let queues = topology
             .queues()
             .into_iter()
@@ -154,23 +225,34 @@ impl Definitions {
                 auto_delete: false,
             })
             .collect();
-        Ok(Self {
-            users: vec![User {
-                password_hash: password_hash(&user, &password),
+        let mut users = vec![User {
+            password_hash: password_hash(&user, &password),
+            hashing_algorithm: HASHING_ALGORITHM,
+            tags: vec![],
+            name: user.clone(),
+        }];
+        let mut permissions = vec![relay_permission(&user, &vhost, topology.prefix())];
+        if let Some(m) = management {
+            users.push(User {
+                name: m.user.clone(),
+                password_hash: password_hash(&m.user, &m.password),
                 hashing_algorithm: HASHING_ALGORITHM,
                 tags: vec!["administrator"],
-                name: user.clone(),
-            }],
+            });
+            permissions.push(Permission {
+                user: m.user.clone(),
+                vhost: vhost.clone(),
+                configure: ".*".into(),
+                write: ".*".into(),
+                read: ".*".into(),
+            });
+        }
+        Ok(Self {
+            users,
             vhosts: vec![Vhost {
                 name: vhost.clone(),
             }],
-            permissions: vec![Permission {
-                user,
-                vhost: vhost.clone(),
-                configure: ".*",
-                write: ".*",
-                read: ".*",
-            }],
+            permissions,
             exchanges: vec![Exchange {
                 name: topology.work.clone(),
                 vhost: vhost.clone(),
@@ -261,10 +343,60 @@ mod tests {
     }
 
     #[test]
+    fn the_relay_user_gets_its_own_names_only() {
+        let d = Definitions::new(
+            &default_topology(),
+            "amqp://relay:pw@rabbitmq:5672/%2f",
+            None,
+        )
+        .unwrap();
+        assert_eq!(d.users.len(), 1);
+        assert!(d.users[0].tags.is_empty(), "no administrator tag");
+        let p = &d.permissions[0];
+        assert_eq!(p.configure, r"^webhooks\.");
+        assert_eq!(p.read, r"^webhooks\.");
+        assert_eq!(p.write, r"^(webhooks\..*|amq\.default)$");
+
+        // The prefix is matched literally: its dots and dashes are no wildcards.
+        let p = relay_permission("relay", "/", "acme.prod-1");
+        assert_eq!(p.configure, r"^acme\.prod\-1\.");
+        assert_eq!(p.write, r"^(acme\.prod\-1\..*|amq\.default)$");
+    }
+
+    #[test]
+    fn a_management_login_is_an_administrator_beside_the_relay() {
+        let ui: ManagementLogin = "guest:guest".parse().unwrap();
+        let d = Definitions::new(
+            &default_topology(),
+            "amqp://relay:relay@rabbitmq:5672/%2f",
+            Some(&ui),
+        )
+        .unwrap();
+        let names: Vec<&str> = d.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["relay", "guest"]);
+        assert_eq!(d.users[1].tags, ["administrator"]);
+        assert_eq!(d.users[1].password_hash, password_hash("guest", "guest"));
+        assert_eq!(d.permissions[1].user, "guest");
+        assert_eq!(d.permissions[1].configure, ".*");
+
+        let same: ManagementLogin = "relay:x".parse().unwrap();
+        assert!(
+            Definitions::new(
+                &default_topology(),
+                "amqp://relay:relay@rabbitmq:5672/%2f",
+                Some(&same)
+            )
+            .is_err()
+        );
+        assert!("nocolon".parse::<ManagementLogin>().is_err());
+    }
+
+    #[test]
     fn user_and_vhost_come_from_the_amqp_url() {
         let d = Definitions::new(
             &default_topology(),
             "amqp://relay:s%40cret@rabbitmq:5672/contact%2Dcenter",
+            None,
         )
         .unwrap();
         assert_eq!(d.users[0].name, "relay");
@@ -282,7 +414,7 @@ mod tests {
     #[test]
     fn queues_carry_exactly_the_declared_arguments() {
         let topology = default_topology();
-        let d = Definitions::new(&topology, crate::config::DEFAULT_AMQP_URL).unwrap();
+        let d = Definitions::new(&topology, crate::config::DEFAULT_AMQP_URL, None).unwrap();
         let specs = topology.queues();
         assert_eq!(d.queues.len(), specs.len());
         assert_eq!(d.vhosts[0].name, "/");
@@ -303,6 +435,6 @@ mod tests {
 
     #[test]
     fn a_bad_url_is_an_error() {
-        assert!(Definitions::new(&default_topology(), "http://x").is_err());
+        assert!(Definitions::new(&default_topology(), "http://x", None).is_err());
     }
 }

@@ -96,6 +96,13 @@ impl Topology {
         }
     }
 
+    /// The `QUEUE_PREFIX` every name starts with.
+    pub fn prefix(&self) -> &str {
+        self.work
+            .strip_suffix(".work")
+            .expect("the work name is built as <prefix>.work")
+    }
+
     /// Every queue with its arguments: work, the retry levels, then the DLQ.
     pub fn queues(&self) -> Vec<QueueSpec> {
         let quorum = ("x-queue-type", ArgValue::Str("quorum".into()));

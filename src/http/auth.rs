@@ -1,11 +1,12 @@
 //! Inbound authentication (SPEC §4.4): every configured check must pass; comparisons
-//! are constant-time and a failure never says which check failed.
+//! are constant-time, also across secrets of different lengths, and a failure never
+//! says which check failed.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, header};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::InboundAuth;
@@ -66,8 +67,18 @@ fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
     s.eq_ignore_ascii_case(scheme).then_some(rest)
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.ct_eq(b).into()
+/// Compares a presented credential with the expected one in time independent of both.
+///
+/// `subtle` compares equal-length slices in constant time but returns at once when the
+/// lengths differ, which tells an attacker the secret's length. Comparing the SHA-256
+/// digests instead always compares 32 bytes with 32 bytes, whatever was presented.
+fn ct_eq(presented: &[u8], expected: &[u8]) -> bool {
+    comparable(presented).ct_eq(&comparable(expected)).into()
+}
+
+/// What [`ct_eq`] actually compares: a fixed-size digest of the value.
+fn comparable(value: &[u8]) -> [u8; 32] {
+    Sha256::digest(value).into()
 }
 
 #[cfg(test)]
@@ -108,6 +119,28 @@ mod tests {
         ]);
         assert!(check_headers(&a, &h(&[("x-api-key", "t0k")])));
         assert!(!check_headers(&a, &h(&[("authorization", "Bearer t0k")])));
+    }
+
+    #[test]
+    fn secrets_of_any_length_are_compared_as_equal_size_digests() {
+        let expected = b"the-configured-secret";
+        for len in [0, 1, 20, 21, 22, 64, 4096] {
+            let presented = vec![b'x'; len];
+            // Same size whatever the length: no early return on a length mismatch.
+            assert_eq!(comparable(&presented).len(), comparable(expected).len());
+            assert!(!ct_eq(&presented, expected), "length {len}");
+        }
+        assert!(ct_eq(expected, expected));
+        // A prefix or an extension of the secret is not the secret.
+        assert!(!ct_eq(b"the-configured-secre", expected));
+        assert!(!ct_eq(b"the-configured-secret!", expected));
+
+        let a = auth(&[("INBOUND_TOKEN", "short")]);
+        for presented in ["shor", "short-but-longer", "", "x"] {
+            let bearer = format!("Bearer {presented}");
+            assert!(!check_headers(&a, &h(&[("authorization", &bearer)])));
+        }
+        assert!(check_headers(&a, &h(&[("authorization", "Bearer short")])));
     }
 
     #[test]

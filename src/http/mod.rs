@@ -5,6 +5,7 @@ pub mod admin;
 mod auth;
 mod receive;
 pub mod server;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -35,11 +36,29 @@ pub fn worker_router(relay: Arc<Relay>) -> Router {
     ops_routes(&relay).with_state(relay)
 }
 
+/// The admin listener's router (`ADMIN_LISTEN_ADDR`): metrics and admin, plus health
+/// and readiness so an internal probe needs only this port.
+pub fn admin_router(relay: Arc<Relay>) -> Router {
+    admin_routes(&relay).with_state(relay)
+}
+
+/// Health, readiness, and, unless they have a listener of their own, metrics and admin.
 fn ops_routes(relay: &Relay) -> Router<Arc<Relay>> {
-    let routes = Router::new()
+    if relay.config.admin_listen_addr.is_some() {
+        health_routes()
+    } else {
+        admin_routes(relay)
+    }
+}
+
+fn health_routes() -> Router<Arc<Relay>> {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+}
+
+fn admin_routes(relay: &Relay) -> Router<Arc<Relay>> {
+    let routes = health_routes().route("/metrics", get(metrics));
     // Without a token the admin tree does not exist at all (404, not 401).
     match &relay.config.admin_token {
         Some(token) => routes.merge(admin::routes(token)),

@@ -127,7 +127,11 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
         headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
-        event::forwarded_headers(&headers, cfg.inbound.token_header.as_ref()),
+        event::forwarded_headers(
+            &headers,
+            cfg.inbound.token_header.as_ref(),
+            cfg.forward_headers.as_deref(),
+        ),
         bytes,
     );
 

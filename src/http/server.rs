@@ -1,15 +1,22 @@
 //! The HTTP server loop: accepts connections and serves the router over HTTP/1.1 or
-//! HTTP/2 with limits a hostile client cannot talk its way past (header count and
-//! size, time to send the headers), and stops gracefully on cancellation.
+//! HTTP/2, in the clear or behind TLS, with limits a hostile client cannot talk its
+//! way past (time to finish the TLS handshake and to send the headers, header count
+//! and size), and stops gracefully on cancellation.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 /// Most request headers accepted; more is answered 431. Genesys senders use about a
@@ -25,11 +32,13 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting, lets
 /// requests in flight finish and closes idle connections. `request_timeout` bounds
-/// the time a client has to send its request headers; the handler bounds the body.
+/// the TLS handshake and the time a client has to send its request headers; the
+/// handler bounds the body. With `tls`, every connection must be HTTPS.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     request_timeout: Duration,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let builder = builder(request_timeout);
@@ -50,25 +59,51 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let speaks = tokio::select! {
-                speaks = protocol_known(&stream, request_timeout) => speaks,
-                _ = stop.cancelled() => false,
-            };
-            if !speaks {
-                // Silent, or stalled inside the HTTP/2 preface: dropped unanswered.
-                return;
-            }
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            // Clients that vanish or break the protocol end here; hyper has answered
-            // what could be answered (400, 431) already.
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            // Silent, stalled inside the TLS handshake or the HTTP/2 preface, or not
+            // speaking TLS on an HTTPS port: dropped unanswered.
+            match tls {
+                None => {
+                    let speaks = tokio::select! {
+                        speaks = protocol_known(&stream, request_timeout) => speaks,
+                        _ = stop.cancelled() => false,
+                    };
+                    if speaks {
+                        serve_io(&builder, stream, service, watcher).await;
+                    }
+                }
+                Some(acceptor) => {
+                    let opened = tokio::select! {
+                        opened = open_tls(&acceptor, stream, request_timeout) => opened,
+                        _ = stop.cancelled() => None,
+                    };
+                    if let Some(io) = opened {
+                        serve_io(&builder, io, service, watcher).await;
+                    }
+                }
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Serves one connection whose protocol is known until it closes.
+async fn serve_io<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: TowerToHyperService<Router>,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    // Clients that vanish or break the protocol end here; hyper has answered what
+    // could be answered (400, 431) already.
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }
 
 /// Waits until the client has sent enough to tell HTTP/1 from HTTP/2, at most
@@ -93,6 +128,113 @@ async fn protocol_known(stream: &TcpStream, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, decided)
         .await
         .unwrap_or(false)
+}
+
+/// Completes the TLS handshake and waits for the protocol to be known, both within
+/// `timeout` (the same budget a plain connection has for its protocol), so a client
+/// that stalls anywhere before its request headers holds nothing for long.
+async fn open_tls(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Option<Rewound<TlsStream<TcpStream>>> {
+    let opened = async {
+        let mut tls = match acceptor.accept(stream).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                // Plain HTTP on the HTTPS port, an unknown CA on the client side, a scan.
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return None;
+            }
+        };
+        // The decrypted stream cannot be peeked at: read the opening bytes and hand
+        // them back in front of the rest.
+        let mut first = Vec::with_capacity(H2_PREFACE.len());
+        loop {
+            let mut buf = [0u8; H2_PREFACE.len()];
+            let want = H2_PREFACE.len() - first.len();
+            match tls.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => first.extend_from_slice(&buf[..n]),
+            }
+            if first.len() == H2_PREFACE.len() || first[..] != H2_PREFACE[..first.len()] {
+                return Some(Rewound::new(first, tls));
+            }
+        }
+    };
+    tokio::time::timeout(timeout, opened)
+        .await
+        .unwrap_or_else(|_| {
+            tracing::debug!("TLS connection silent past the request timeout; dropped");
+            None
+        })
+}
+
+/// A stream with bytes already read from it put back in front.
+struct Rewound<S> {
+    /// Bytes read before the protocol was known, served first.
+    prefix: Vec<u8>,
+    /// How much of `prefix` has been served.
+    served: usize,
+    /// The stream the rest comes from, and where writes go.
+    inner: S,
+}
+
+impl<S> Rewound<S> {
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            served: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewound<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.served < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.served);
+            buf.put_slice(&this.prefix[this.served..this.served + n]);
+            this.served += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewound<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 fn builder(request_timeout: Duration) -> auto::Builder<TokioExecutor> {

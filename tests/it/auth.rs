@@ -343,3 +343,61 @@ async fn credentials_never_reach_the_downstream_and_refusals_forward_nothing() {
     assert_eq!(inspect.total(app.topology()).await, 0);
     inspect.close().await;
 }
+
+#[tokio::test]
+async fn a_bearer_token_with_basic_credentials_is_refused_at_start_up() {
+    let prefix = crate::common::unique_prefix("auth-combo");
+    let ran = crate::common::process::run_cli(
+        &prefix,
+        &["receiver"],
+        &[
+            ("INBOUND_TOKEN", TOKEN),
+            ("INBOUND_BASIC_AUTH", BASIC),
+            ("INLINE_DELIVERY", "false"),
+            ("LISTEN_ADDR", "127.0.0.1:0"),
+        ],
+    )
+    .await;
+    // Both would need the one Authorization header: no request could ever pass.
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    for var in [
+        "INBOUND_TOKEN_HEADER",
+        "INBOUND_TOKEN",
+        "INBOUND_BASIC_AUTH",
+    ] {
+        assert!(ran.stderr.contains(var), "names {var}: {}", ran.stderr);
+    }
+    assert!(!ran.stderr.contains(TOKEN), "never prints the secret");
+}
+
+#[tokio::test]
+async fn secrets_of_any_length_are_refused_alike() {
+    // Presented tokens shorter, longer, equal in length but different, and a prefix:
+    // all the same 401 (the comparison itself is of fixed-size digests, unit-tested).
+    let lengths = [
+        String::new(),
+        "t".into(),
+        TOKEN[..TOKEN.len() - 1].to_owned(),
+        format!("{TOKEN}x"),
+        "x".repeat(TOKEN.len()),
+        "y".repeat(4096),
+    ];
+    check_mode(
+        &[
+            ("INBOUND_TOKEN", TOKEN),
+            ("INBOUND_TOKEN_HEADER", "x-api-key"),
+        ],
+        r#"{"id":"auth-lengths"}"#,
+        lengths
+            .iter()
+            .map(|t| {
+                (
+                    "a token of another length or value",
+                    vec![("x-api-key", t.clone())],
+                )
+            })
+            .collect(),
+        vec![("x-api-key", TOKEN.to_owned()), ("x-kept", "1".to_owned())],
+    )
+    .await;
+}

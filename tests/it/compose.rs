@@ -105,7 +105,8 @@ fn definitions_json_equals_the_export_with_the_compose_defaults() {
     ] {
         assert!(vars.contains_key(needed), "compose sets {needed}");
     }
-    let out = relay(&["topology", "export"], &vars);
+    let export = ["topology", "export", "--management-login", "guest:guest"];
+    let out = relay(&export, &vars);
     assert!(
         out.status.success(),
         "{}",
@@ -118,13 +119,44 @@ fn definitions_json_equals_the_export_with_the_compose_defaults() {
     assert!(
         exported == checked_in,
         "rabbitmq/definitions.json differs from the relay's topology with the compose \
-         defaults; regenerate it: `cargo run -q -- topology export > rabbitmq/definitions.json`\n\
+         defaults; regenerate it: `cargo run -q -- topology export --management-login \
+         guest:guest > rabbitmq/definitions.json`\n\
          export:\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    // What the broker must hold before anyone can log in or the UI shows a queue.
-    assert_eq!(checked_in["users"][0]["name"], "guest");
-    assert_eq!(checked_in["users"][0]["tags"][0], "administrator");
+    // What the broker must hold before anyone can log in or the UI shows a queue: the
+    // relay's own user with rights on its names only, and guest for the UI.
+    let user = |name: &str| {
+        checked_in["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == name)
+            .unwrap_or_else(|| panic!("definitions.json has a user {name}"))
+            .clone()
+    };
+    let permission = |name: &str| {
+        checked_in["permissions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["user"] == name)
+            .unwrap_or_else(|| panic!("definitions.json gives {name} permissions"))
+            .clone()
+    };
+    assert!(
+        vars["AMQP_URL"].starts_with("amqp://relay:"),
+        "compose logs in as relay"
+    );
+    assert_eq!(user("relay")["tags"], serde_json::json!([]));
+    assert_eq!(permission("relay")["configure"], r"^webhooks\.");
+    assert_eq!(permission("relay")["read"], r"^webhooks\.");
+    assert_eq!(
+        permission("relay")["write"],
+        r"^(webhooks\..*|amq\.default)$"
+    );
+    assert_eq!(user("guest")["tags"][0], "administrator");
+    assert_eq!(permission("guest")["configure"], ".*");
     assert_eq!(checked_in["vhosts"][0]["name"], "/");
     let queues = checked_in["queues"].as_array().unwrap();
     assert_eq!(queues.len(), 14, "work, 12 retry levels, dlq");
@@ -132,7 +164,7 @@ fn definitions_json_equals_the_export_with_the_compose_defaults() {
     // The comparison is sensitive: another prefix gives other definitions.
     let mut other = vars.clone();
     other.insert("QUEUE_PREFIX".into(), "other".into());
-    let out = relay(&["topology", "export"], &other);
+    let out = relay(&export, &other);
     let other: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_ne!(other, checked_in);
 }

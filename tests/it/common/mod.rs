@@ -69,6 +69,8 @@ pub fn config(prefix: &str, overrides: &[(&str, &str)]) -> Config {
 /// A relay running in-process.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The `ADMIN_LISTEN_ADDR` listener's address, when one is configured.
+    pub admin_addr: Option<SocketAddr>,
     pub relay: Arc<Relay>,
     pub prefix: String,
     pub http: reqwest::Client,
@@ -94,6 +96,7 @@ impl TestApp {
         let prefix = config.queue_prefix.clone();
         let app = App::build(config, role).await.expect("app builds");
         let addr = app.local_addr();
+        let admin_addr = app.admin_addr();
         let relay = app.relay();
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(app.run(cancel.clone()));
@@ -106,6 +109,7 @@ impl TestApp {
         }
         Self {
             addr,
+            admin_addr,
             relay,
             prefix,
             http: reqwest::Client::new(),
