@@ -229,6 +229,46 @@ impl Node {
     }
 }
 
+/// A cluster of throwaway nodes on this machine (separate names, ports and data
+/// dirs), joined with `rabbitmqctl join_cluster`; every node is stopped on drop.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    pub fn start(size: usize) -> Self {
+        let nodes: Vec<Node> = (0..size).map(|_| Node::start()).collect();
+        for node in &nodes[1..] {
+            node.stop_app();
+            assert!(
+                node.ctl(&["join_cluster", &nodes[0].name]),
+                "{} joins {}",
+                node.name,
+                nodes[0].name
+            );
+            node.start_app();
+        }
+        Self { nodes }
+    }
+
+    /// `AMQP_URL` listing every node, comma-separated.
+    pub fn amqp_url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Node::amqp_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node whose AMQP port is `port`.
+    pub fn by_port(&self, port: u16) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+}
+
 /// A frozen node's process; resumed (SIGCONT) when dropped, also when a test fails.
 pub struct Frozen {
     pid: u32,
