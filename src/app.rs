@@ -145,6 +145,7 @@ impl App {
             router,
             relay.config.request_timeout,
             tls,
+            Some(relay.intake.clone()),
             cancel.clone(),
         ));
         let admin = admin_listener.map(|admin_listener| {
@@ -155,6 +156,7 @@ impl App {
                 admin_listener,
                 crate::http::admin_router(relay.clone()),
                 relay.config.request_timeout,
+                None,
                 None,
                 cancel.clone(),
             ))

@@ -150,6 +150,20 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// Intake limits of a receiving process (SPEC §4.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntakeLimits {
+    /// Inline attempts in flight (`INLINE_MAX_INFLIGHT`); past it an event is
+    /// published queue-first and answered 202 `queued` instead of waiting.
+    pub inline_max_inflight: usize,
+    /// Request bodies held in memory by in-flight requests (`MAX_INFLIGHT_BYTES`).
+    pub max_inflight_bytes: usize,
+    /// How long a request waits for room in that budget before 503 (`INTAKE_WAIT_MS`).
+    pub wait: Duration,
+    /// Open client connections (`MAX_CONNECTIONS`); past it new ones are closed.
+    pub max_connections: usize,
+}
+
 /// The validated configuration of one relay process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -177,6 +191,8 @@ pub struct Config {
     pub worker_concurrency: u16,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Intake limits (SPEC §4.5): memory stays bounded under any burst.
+    pub intake: IntakeLimits,
     /// Time a sender has for its request headers, and then for its body; a slower
     /// sender (slowloris) is cut off so it cannot hold a connection and memory.
     pub request_timeout: Duration,
@@ -223,6 +239,10 @@ struct RawEnv {
     queue_prefix: Option<String>,
     worker_concurrency: Option<String>,
     max_body_bytes: Option<String>,
+    inline_max_inflight: Option<String>,
+    max_inflight_bytes: Option<String>,
+    intake_wait_ms: Option<String>,
+    max_connections: Option<String>,
     request_timeout_ms: Option<String>,
     downstream_headers: Option<String>,
     downstream_signing_secret: Option<String>,
@@ -317,6 +337,30 @@ impl Config {
         let max_body_bytes: usize = positive("MAX_BODY_BYTES", raw.max_body_bytes, 1_048_576)?;
         let request_timeout_ms: u64 =
             positive("REQUEST_TIMEOUT_MS", raw.request_timeout_ms, 15_000)?;
+        let intake = IntakeLimits {
+            inline_max_inflight: positive("INLINE_MAX_INFLIGHT", raw.inline_max_inflight, 64)?,
+            max_inflight_bytes: positive(
+                "MAX_INFLIGHT_BYTES",
+                raw.max_inflight_bytes,
+                64 * 1024 * 1024,
+            )?,
+            wait: Duration::from_millis(number("INTAKE_WAIT_MS", raw.intake_wait_ms, 1_000u64)?),
+            max_connections: positive("MAX_CONNECTIONS", raw.max_connections, 10_000)?,
+        };
+        if intake.max_inflight_bytes < max_body_bytes {
+            return Err(ConfigError::new(
+                "MAX_INFLIGHT_BYTES",
+                format!(
+                    "must be at least MAX_BODY_BYTES ({max_body_bytes}), or a body of the largest accepted size could never be taken in"
+                ),
+            ));
+        }
+        if intake.max_inflight_bytes > u32::MAX as usize {
+            return Err(ConfigError::new(
+                "MAX_INFLIGHT_BYTES",
+                format!("must be at most {}", u32::MAX),
+            ));
+        }
         let downstream_headers = nonblank(raw.downstream_headers)
             .map(|h| crate::delivery::parse_static_headers(&h))
             .transpose()
@@ -426,6 +470,7 @@ impl Config {
             queue_prefix,
             worker_concurrency,
             max_body_bytes,
+            intake,
             request_timeout: Duration::from_millis(request_timeout_ms),
             shutdown_grace: Duration::from_millis(shutdown_grace_ms),
             publish_timeout: Duration::from_millis(publish_timeout_ms),
@@ -569,11 +614,32 @@ mod tests {
         assert_eq!(c.queue_prefix, "webhooks");
         assert_eq!(c.worker_concurrency, 32);
         assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.intake.inline_max_inflight, 64);
+        assert_eq!(c.intake.max_inflight_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.intake.wait, Duration::from_millis(1_000));
+        assert_eq!(c.intake.max_connections, 10_000);
         assert_eq!(c.request_timeout, Duration::from_millis(15_000));
         assert!(c.downstream_headers.is_empty() && c.downstream_signing.is_none());
         assert_eq!(c.shutdown_grace, Duration::from_millis(10_000));
         assert_eq!(c.publish_timeout, Duration::from_millis(2_500));
         assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn several_broker_addresses_are_each_checked() {
+        let c = cfg(&[(
+            "AMQP_URL",
+            "amqp://u:p1@n1:5672/%2f, amqp://u:p2@n2:5672/%2f,amqp://u:p3@n3:5672/%2f",
+        )])
+        .unwrap();
+        assert_eq!(c.amqp_url.urls().len(), 3);
+        assert_eq!(c.amqp_url.urls()[1], "amqp://u:p2@n2:5672/%2f");
+        let shown = format!("{:?}", c.amqp_url);
+        assert!(!shown.contains("p1") && !shown.contains("p3"), "{shown}");
+        let e = cfg(&[("AMQP_URL", "amqp://n1:5672/%2f,nope://n2")]).unwrap_err();
+        assert!(e.problem.contains("address 2 of 2"), "{e}");
+        let e = cfg(&[("AMQP_URL", "amqp://n1:5672/%2f,,amqp://n3")]).unwrap_err();
+        assert!(e.problem.contains("address 2 of 3 is empty"), "{e}");
     }
 
     #[test]
@@ -607,6 +673,14 @@ mod tests {
                 "INBOUND_BASIC_AUTH",
             ),
             (vec![("REQUEST_TIMEOUT_MS", "0")], "REQUEST_TIMEOUT_MS"),
+            (vec![("INLINE_MAX_INFLIGHT", "0")], "INLINE_MAX_INFLIGHT"),
+            (vec![("MAX_INFLIGHT_BYTES", "1000")], "MAX_INFLIGHT_BYTES"),
+            (vec![("INTAKE_WAIT_MS", "soon")], "INTAKE_WAIT_MS"),
+            (vec![("MAX_CONNECTIONS", "0")], "MAX_CONNECTIONS"),
+            (
+                vec![("AMQP_URL", "amqp://a:5672/%2f, http://b")],
+                "AMQP_URL",
+            ),
             (
                 vec![("DOWNSTREAM_HEADERS", "X-Api-Key: k")],
                 "DOWNSTREAM_HEADERS",

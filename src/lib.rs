@@ -13,6 +13,7 @@ pub mod event;
 pub mod genesys;
 pub mod healthcheck;
 pub mod http;
+pub mod intake;
 pub mod metrics;
 pub mod payload;
 pub mod relay;

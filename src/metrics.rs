@@ -30,6 +30,13 @@ pub const PUBLISH_CONFIRM: &str = "webhook_relay_publish_confirm_seconds";
 pub const QUEUE_DEPTH: &str = "webhook_relay_queue_depth";
 /// 1 while the broker session is usable, else 0.
 pub const BROKER_UP: &str = "webhook_relay_broker_up";
+/// Configured capacity of each intake limit (`inline`, `bytes`, `connections`).
+pub const INTAKE_CAPACITY: &str = "webhook_relay_intake_capacity";
+/// What each intake limit has in use right now.
+pub const INTAKE_IN_USE: &str = "webhook_relay_intake_in_use";
+/// How often each intake limit was reached (an event sent queue-first, a 503, a
+/// connection closed at once).
+pub const INTAKE_LIMIT_HITS: &str = "webhook_relay_intake_limit_hits_total";
 /// 1 for the broker node (`host:port`) the relay is connected to, 0 for the others.
 pub const BROKER_NODE: &str = "webhook_relay_broker_node";
 /// 1 while the broker blocks the relay's publishing connection (memory or disk alarm).
@@ -106,6 +113,15 @@ fn describe() {
         "1 while the broker connection is usable, else 0."
     );
     describe_gauge!(
+        INTAKE_CAPACITY,
+        "Configured capacity of each intake limit: inline attempts, body bytes, connections."
+    );
+    describe_gauge!(INTAKE_IN_USE, "What each intake limit has in use.");
+    describe_counter!(
+        INTAKE_LIMIT_HITS,
+        "How often each intake limit was reached (inline: sent queue-first; bytes: 503; connections: closed)."
+    );
+    describe_gauge!(
         BROKER_NODE,
         "1 for the broker node the relay is connected to, 0 for the other configured ones."
     );
@@ -139,6 +155,21 @@ pub fn upkeep() {
 pub fn broker_state(up: bool, blocked: bool) {
     gauge!(BROKER_UP).set(if up { 1.0 } else { 0.0 });
     gauge!(BROKER_BLOCKED).set(if blocked { 1.0 } else { 0.0 });
+}
+
+/// Intake limit `limit` has `capacity`.
+pub fn intake_capacity(limit: &'static str, capacity: usize) {
+    gauge!(INTAKE_CAPACITY, "limit" => limit).set(capacity as f64);
+}
+
+/// Intake limit `limit` has `used` in use.
+pub fn intake_in_use(limit: &'static str, used: usize) {
+    gauge!(INTAKE_IN_USE, "limit" => limit).set(used as f64);
+}
+
+/// Intake limit `limit` was reached once more.
+pub fn intake_limit_hit(limit: &'static str) {
+    counter!(INTAKE_LIMIT_HITS, "limit" => limit).increment(1);
 }
 
 /// Whether the relay is connected to broker `node` (`host:port`) right now.

@@ -21,6 +21,8 @@ pub struct Relay {
     pub downstream: Option<Downstream>,
     /// Attempts and retry ladder.
     pub policy: Policy,
+    /// The receiver's intake budget (SPEC §4.5).
+    pub intake: crate::intake::Intake,
 }
 
 /// Where an attempted event ended up, durably.
@@ -50,6 +52,7 @@ impl Relay {
             ladder,
         };
         Self {
+            intake: crate::intake::Intake::new(&config.intake),
             config,
             broker,
             downstream,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
+use bytes::Bytes;
 use http::{HeaderMap, StatusCode, Uri, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
@@ -87,13 +88,46 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     if declared.is_some_and(|n| n > cfg.max_body_bytes as u64) {
         return Err(too_large());
     }
+    // The body's bytes are held in the intake budget until the event is settled
+    // (SPEC §4.5). A declared length is held before anything is read: past the budget
+    // the request waits unread (TCP holds the sender back) up to INTAKE_WAIT_MS.
+    let mut budget = relay.intake.body();
+    let full = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the relay is taking in as much as it can; retry later",
+            early_id(),
+        )
+    };
+    if let Some(n) = declared {
+        budget.hold(n as usize).await.map_err(|_| full())?;
+    }
     // Stops reading as soon as the limit is passed; never buffers more than the limit.
-    // A sender trickling its body (slowloris) is cut off after REQUEST_TIMEOUT_MS.
-    let reading = Limited::new(body, cfg.max_body_bytes).collect();
+    // A sender trickling its body (slowloris) is cut off after REQUEST_TIMEOUT_MS. A
+    // body without a length (chunked) is held as it grows.
+    let reading = async {
+        let mut body = Limited::new(body, cfg.max_body_bytes);
+        let mut parts: Vec<Bytes> = Vec::new();
+        let mut len = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(BodyError::Read)?;
+            if let Ok(data) = frame.into_data() {
+                len += data.len();
+                budget.hold(len).await.map_err(|_| BodyError::Full)?;
+                parts.push(data);
+            }
+        }
+        Ok(match parts.len() {
+            0 => Bytes::new(),
+            1 => parts.pop().expect("one part"),
+            _ => Bytes::from(parts.concat()),
+        })
+    };
     let bytes = match tokio::time::timeout(cfg.request_timeout, reading).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => return Err(too_large()),
-        Ok(Err(_)) => {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(BodyError::Read(e))) if e.is::<LengthLimitError>() => return Err(too_large()),
+        Ok(Err(BodyError::Full)) => return Err(full()),
+        Ok(Err(BodyError::Read(_))) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "could not read the request body",
@@ -154,7 +188,14 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
         ))
     };
 
-    if !cfg.inline_delivery {
+    // Past INLINE_MAX_INFLIGHT an event is not made to wait for the downstream: it is
+    // published queue-first and a worker delivers it (a burst is absorbed).
+    let inline_slot = if cfg.inline_delivery {
+        relay.intake.try_inline()
+    } else {
+        None
+    };
+    if inline_slot.is_none() {
         relay
             .broker
             .publish(Target::Work, &event)
@@ -171,6 +212,14 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
         Ok(Settled::DeadLettered(_)) => answer(StatusCode::ACCEPTED, "dead_lettered"),
         Err(e) => Err(unavailable(e)),
     }
+}
+
+/// Why a request body could not be taken in.
+enum BodyError {
+    /// The body failed (too large, or the client broke off).
+    Read(Box<dyn std::error::Error + Send + Sync>),
+    /// No room in the intake budget in time.
+    Full,
 }
 
 fn unauthorized(id: String) -> ApiError {

@@ -33,12 +33,15 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting, lets
 /// requests in flight finish and closes idle connections. `request_timeout` bounds
 /// the TLS handshake and the time a client has to send its request headers; the
-/// handler bounds the body. With `tls`, every connection must be HTTPS.
+/// handler bounds the body. With `tls`, every connection must be HTTPS. With
+/// `intake`, at most `MAX_CONNECTIONS` are open at once; past it a new connection is
+/// closed at once, so a connection flood cannot exhaust memory or descriptors.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     request_timeout: Duration,
     tls: Option<TlsAcceptor>,
+    intake: Option<crate::intake::Intake>,
     shutdown: CancellationToken,
 ) {
     let builder = builder(request_timeout);
@@ -55,12 +58,24 @@ pub async fn serve(
                 }
             },
         };
+        let slot = match &intake {
+            None => None,
+            Some(intake) => match intake.try_connection() {
+                Some(slot) => Some(slot),
+                // Closed at once: counted in webhook_relay_intake_limit_hits_total.
+                None => {
+                    drop(stream);
+                    continue;
+                }
+            },
+        };
         let service = TowerToHyperService::new(router.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             // Silent, stalled inside the TLS handshake or the HTTP/2 preface, or not
             // speaking TLS on an HTTPS port: dropped unanswered.
             match tls {

@@ -12,6 +12,7 @@ mod demo;
 mod dlq;
 mod genesys;
 mod hostile;
+mod intake;
 mod listeners;
 mod logs;
 mod metrics;
