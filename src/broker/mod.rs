@@ -40,6 +40,12 @@ const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// Publish timeouts in a row after which the session counts as broken (SPEC §5): a
 /// half-open TCP connection is not waited out until heartbeats notice.
 pub const TIMEOUTS_BEFORE_BROKEN: u32 = 3;
+/// Bytes of publishes waiting to be written to the publishing connection's socket.
+/// lapin copies a message into frames and queues them until the socket takes them; a
+/// burst of large events would otherwise hold every body twice (the request's copy
+/// and the queued frames) while the broker drains them.
+const PUBLISH_WRITE_BUDGET: usize = 16 * 1024 * 1024;
+
 /// Longest a closing connection may take (shutdown, reconnect): a blocked or silent
 /// broker never answers `connection.close`.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
@@ -225,6 +231,8 @@ struct Inner {
     session: watch::Sender<Option<Arc<Session>>>,
     /// Bound on how long a publish waits for its confirm.
     publish_timeout: Duration,
+    /// Room for frames not yet written to the socket ([`PUBLISH_WRITE_BUDGET`]).
+    unwritten: Arc<tokio::sync::Semaphore>,
     /// Nacked publishes, logged once per episode.
     nacks: Episode,
     /// Publish timeouts, logged once per episode.
@@ -261,6 +269,7 @@ impl Broker {
             topology,
             session,
             publish_timeout,
+            unwritten: Arc::new(tokio::sync::Semaphore::new(PUBLISH_WRITE_BUDGET)),
             nacks: Episode::new("publishes nacked by the broker"),
             timeouts: Episode::new("publishes not confirmed in time"),
             stop: CancellationToken::new(),
@@ -344,6 +353,32 @@ impl Broker {
     /// written and the answer is `Blocked` at once; a publish in flight when the block
     /// starts is abandoned with `Blocked` rather than waiting out its timeout.
     pub async fn publish(&self, target: Target, event: &Envelope) -> Result<(), PublishError> {
+        self.send(target, event.body.clone(), event.properties(), ())
+            .await
+    }
+
+    /// Publishes `event` like [`Broker::publish`], but lets go of it, and of `release`
+    /// (the intake budget its body held), as soon as it is written to the socket: the
+    /// wait for the broker's confirm then holds no copy of the body. For callers that
+    /// need nothing of the event afterwards (the queue-first receiver).
+    pub async fn publish_owned<R: Send>(
+        &self,
+        target: Target,
+        event: Envelope,
+        release: R,
+    ) -> Result<(), PublishError> {
+        let properties = event.properties();
+        let body = event.body;
+        self.send(target, body, properties, release).await
+    }
+
+    async fn send<R: Send>(
+        &self,
+        target: Target,
+        body: bytes::Bytes,
+        properties: lapin::BasicProperties,
+        release: R,
+    ) -> Result<(), PublishError> {
         let started = Instant::now();
         let session = self.session().ok_or(PublishError::NotConnected)?;
         let mut blocked = session.blocked.subscribe();
@@ -361,6 +396,14 @@ impl Broker {
         };
         let channel = session.channel();
         let publish = async {
+            // A body larger than the whole budget takes all of it.
+            let size = body.len().min(PUBLISH_WRITE_BUDGET) as u32;
+            let writing = self
+                .inner
+                .unwritten
+                .acquire_many(size)
+                .await
+                .expect("the write budget is never closed");
             let confirm = channel
                 .basic_publish(
                     exchange.into(),
@@ -370,10 +413,15 @@ impl Broker {
                         mandatory: true,
                         immediate: false,
                     },
-                    &event.body,
-                    event.properties(),
+                    &body,
+                    properties,
                 )
                 .await?;
+            // Written to the socket: the frames' copy is gone, and the body is no
+            // longer needed here.
+            drop(writing);
+            drop(body);
+            drop(release);
             confirm.await
         };
         let result = tokio::select! {

@@ -107,21 +107,28 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     // body without a length (chunked) is held as it grows.
     let reading = async {
         let mut body = Limited::new(body, cfg.max_body_bytes);
-        let mut parts: Vec<Bytes> = Vec::new();
-        let mut len = 0;
+        // One buffer of the declared size: the frames are copied in as they arrive,
+        // never collected and then joined (which would hold the body twice).
+        let mut first: Option<Bytes> = None;
+        let mut joined = bytes::BytesMut::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(BodyError::Read)?;
             if let Ok(data) = frame.into_data() {
-                len += data.len();
+                let len = first.as_ref().map_or(0, Bytes::len) + joined.len() + data.len();
                 budget.hold(len).await.map_err(|_| BodyError::Full)?;
-                parts.push(data);
+                match first.take() {
+                    // A body in one frame is kept as it came, without a copy.
+                    None if joined.is_empty() => first = Some(data),
+                    None => joined.extend_from_slice(&data),
+                    Some(head) => {
+                        joined.reserve(declared.map_or(len, |n| n as usize));
+                        joined.extend_from_slice(&head);
+                        joined.extend_from_slice(&data);
+                    }
+                }
             }
         }
-        Ok(match parts.len() {
-            0 => Bytes::new(),
-            1 => parts.pop().expect("one part"),
-            _ => Bytes::from(parts.concat()),
-        })
+        Ok(first.unwrap_or_else(|| joined.freeze()))
     };
     let bytes = match tokio::time::timeout(cfg.request_timeout, reading).await {
         Ok(Ok(bytes)) => bytes,
@@ -196,9 +203,10 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
         None
     };
     if inline_slot.is_none() {
+        // The body's budget is released once the publish is written, not confirmed.
         relay
             .broker
-            .publish(Target::Work, &event)
+            .publish_owned(Target::Work, event, budget)
             .await
             .map_err(unavailable)?;
         return answer(StatusCode::ACCEPTED, "queued");

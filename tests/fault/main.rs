@@ -3,6 +3,7 @@
 //! binary is killed with SIGKILL and SIGTERM. They run one at a time (see
 //! `support::serial`) and never touch the shared broker's availability.
 
+mod burst;
 mod cluster;
 #[path = "../it/common/mod.rs"]
 mod common;

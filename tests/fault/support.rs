@@ -287,6 +287,16 @@ impl Drop for Node {
     }
 }
 
+/// The relay binary the fault tests run: `RELAY_BIN` when set (CI points it at the
+/// release build it ships, whose speed the burst figures describe), else the test
+/// profile's build.
+pub fn relay_binary() -> PathBuf {
+    match std::env::var_os("RELAY_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_webhook-relay")),
+    }
+}
+
 /// The relay binary running as a child process.
 pub struct Relay {
     child: Child,
@@ -308,7 +318,7 @@ impl Relay {
             N.fetch_add(1, Ordering::SeqCst)
         ));
         let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_webhook-relay"));
+        let mut cmd = Command::new(relay_binary());
         cmd.arg(command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
