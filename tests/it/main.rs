@@ -14,6 +14,7 @@ mod genesys;
 mod hostile;
 mod logs;
 mod metrics;
+mod observability;
 mod payloads;
 mod receive;
 mod request_path;
