@@ -140,7 +140,8 @@ profile_services=$("${compose[@]}" --profile observability config --services | s
   die "--profile observability config lists: $profile_services"
 say "compose config: the observability profile is valid and adds prometheus and grafana"
 
-"${compose[@]}" build 2>&1 | tail -n 3
+say "building the image (the first build compiles the release binary: minutes)"
+"${compose[@]}" build >"$logs/build" 2>&1 || { tail -n 40 "$logs/build"; die "build"; }
 step_done "build (up --build)"
 "${compose[@]}" up -d --build >"$logs/up" 2>&1 || { cat "$logs/up"; die "up -d --build"; }
 
