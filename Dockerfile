@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # webhook-relay: built with the Rust image, run on Debian slim as a non-root user.
 # One image serves every role: `serve`, `receiver`, `worker`, `demo-downstream`, and
 # the tools (`dlq ...`, `topology ...`, `healthcheck URL`).

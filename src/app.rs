@@ -89,8 +89,17 @@ impl App {
             ),
             None => None,
         };
+        let relay = Arc::new(Relay::new(config, downstream));
+        let retry_delays: Vec<_> = relay.topology().retry.iter().map(|l| l.delay).collect();
+        crate::metrics::register_known(&crate::metrics::KnownSeries {
+            receives: role.receives(),
+            inline: relay.config.inline_delivery,
+            delivers,
+            admin: relay.config.admin_token.is_some(),
+            retry_delays: &retry_delays,
+        });
         Ok(Self {
-            relay: Arc::new(Relay::new(config, downstream)),
+            relay,
             listener,
             tls,
             admin_listener,

@@ -139,6 +139,97 @@ fn describe() {
     );
 }
 
+/// The series a process can move, known when it starts: registering them at 0 lets
+/// the first scrape show every family, so dashboards draw a line from the start and
+/// `rate()` sees the first increment.
+#[derive(Debug, Clone, Copy)]
+pub struct KnownSeries<'a> {
+    /// The process answers the receive endpoints.
+    pub receives: bool,
+    /// The receiver attempts delivery before it answers (`INLINE_DELIVERY`).
+    pub inline: bool,
+    /// The process makes downstream attempts (a worker, or an inline receiver).
+    pub delivers: bool,
+    /// The process serves `/admin` (DLQ replay and purge).
+    pub admin: bool,
+    /// The delays of the retry ladder, level 1 first.
+    pub retry_delays: &'a [Duration],
+}
+
+/// The receive routes, as [`received`] labels them.
+pub const RECEIVE_ENDPOINTS: [&str; 2] = ["/webhook/receive", "/webhooks/{name}"];
+
+/// Codes an error answer of the receive endpoints carries (SPEC §4.2): bad body,
+/// failed authentication, slow request, body too large, event not stored.
+const ERROR_CODES: [u16; 5] = [400, 401, 408, 413, 503];
+
+/// `result` and `status_class` pairs an attempt can end in: a 2xx delivers, a 3xx or
+/// a 4xx other than 408/429 is refused, 408/429, a 5xx or no answer are retried.
+const ATTEMPT_SERIES: [(&str, &str); 6] = [
+    ("delivered", "2xx"),
+    ("permanent", "3xx"),
+    ("permanent", "4xx"),
+    ("retryable", "4xx"),
+    ("retryable", "5xx"),
+    ("retryable", "none"),
+];
+
+/// Registers at 0 every series of [`KnownSeries`]; called once when the process starts.
+pub fn register_known(known: &KnownSeries<'_>) {
+    if known.receives {
+        let answers: &[(u16, &'static str)] = if known.inline {
+            &[
+                (200, "delivered"),
+                (202, "queued_for_retry"),
+                (202, "dead_lettered"),
+            ]
+        } else {
+            &[(202, "queued")]
+        };
+        let errors = ERROR_CODES.map(|code| (code, "error"));
+        for endpoint in RECEIVE_ENDPOINTS {
+            for &(code, answer) in answers.iter().chain(&errors) {
+                counter!(EVENTS_RECEIVED, "endpoint" => endpoint, "code" => code.to_string(), "answer" => answer)
+                    .increment(0);
+            }
+        }
+    }
+    let mut targets = Vec::new();
+    if known.delivers {
+        for (result, class) in ATTEMPT_SERIES {
+            counter!(DELIVERY_ATTEMPTS, "result" => result, "status_class" => class).increment(0);
+        }
+        for result in ["delivered", "permanent", "retryable"] {
+            let _ = histogram!(DELIVERY_DURATION, "result" => result);
+        }
+        for (level, delay) in known.retry_delays.iter().enumerate() {
+            counter!(RETRIES_SCHEDULED, "level" => level_label(level, *delay)).increment(0);
+        }
+        for reason in [
+            crate::retry::DeadLetterReason::AttemptsExhausted,
+            crate::retry::DeadLetterReason::Refused,
+        ] {
+            counter!(DEAD_LETTERED, "reason" => reason.as_str()).increment(0);
+        }
+        targets.extend(["retry", "dlq"]);
+    }
+    // Without inline delivery the receiver publishes every event to the work queue.
+    if known.receives && !known.inline {
+        targets.push("work");
+    }
+    for target in targets {
+        for result in ["confirmed", "failed"] {
+            let _ = histogram!(PUBLISH_CONFIRM, "target" => target, "result" => result);
+        }
+    }
+    if known.admin {
+        for result in ["moved", "failed"] {
+            counter!(DLQ_REPLAYED, "result" => result).increment(0);
+        }
+        counter!(DLQ_PURGED).increment(0);
+    }
+}
+
 /// The `/metrics` body, in Prometheus text format.
 pub fn render() -> String {
     install().map(PrometheusHandle::render).unwrap_or_default()

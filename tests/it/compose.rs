@@ -80,6 +80,34 @@ fn env_line(line: &str) -> Option<(String, String)> {
     Some((key.to_owned(), value))
 }
 
+/// The host-port variables of docker-compose.yml's `ports:` entries, with their
+/// defaults and the host address each is published on (empty: every interface).
+fn compose_ports() -> BTreeMap<String, (String, String)> {
+    let mut out = BTreeMap::new();
+    for line in repo_file("docker-compose.yml").lines() {
+        let Some(entry) = line.trim().strip_prefix("- \"") else {
+            continue;
+        };
+        let Some((published, _)) = entry.split_once('"') else {
+            continue;
+        };
+        let Some((host, rest)) = published.split_once("${") else {
+            continue;
+        };
+        let (inner, container) = rest.split_once('}').expect("a closed ${...}");
+        let (var, default) = inner
+            .split_once(":-")
+            .unwrap_or_else(|| panic!("{var} has a default", var = inner));
+        assert!(
+            container.starts_with(':'),
+            "{var} maps to a container port: {published}"
+        );
+        let host = host.trim_end_matches(':').to_owned();
+        out.insert(var.to_owned(), (default.to_owned(), host));
+    }
+    out
+}
+
 /// `KEY=value` lines of .env.example, commented out or not.
 fn env_example() -> BTreeMap<String, String> {
     repo_file(".env.example")
@@ -221,9 +249,81 @@ fn compose_defaults_are_a_valid_relay_configuration() {
 }
 
 #[test]
+fn host_ports_are_settable_with_the_spec_names_and_the_broker_stays_local() {
+    let ports = compose_ports();
+    let spec = [
+        ("RELAY_PORT", "8000", ""),
+        ("DEMO_PORT", "9000", ""),
+        ("RABBITMQ_AMQP_PORT", "5672", "127.0.0.1"),
+        ("RABBITMQ_UI_PORT", "15672", "127.0.0.1"),
+        ("RABBITMQ_PROMETHEUS_PORT", "15692", "127.0.0.1"),
+        // The observability profile's, local like the broker's.
+        ("PROMETHEUS_PORT", "9090", "127.0.0.1"),
+        ("GRAFANA_PORT", "3000", "127.0.0.1"),
+    ];
+    let expected: BTreeMap<String, (String, String)> = spec
+        .iter()
+        .map(|(k, d, h)| ((*k).to_owned(), ((*d).to_owned(), (*h).to_owned())))
+        .collect();
+    assert_eq!(ports, expected, "the ports of docker-compose.yml");
+    // No port is published without a variable (a fixed one would collide again).
+    let fixed: Vec<String> = repo_file("docker-compose.yml")
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("- \"") && !l.contains("${"))
+        .map(str::to_owned)
+        .collect();
+    assert!(fixed.is_empty(), "fixed host ports: {fixed:?}");
+    let dockerfile = repo_file("Dockerfile");
+    assert!(
+        !dockerfile.lines().any(|l| l.starts_with("# syntax=")),
+        "a `# syntax=` line makes BuildKit pull a frontend image"
+    );
+}
+
+#[test]
+fn the_observability_profile_mounts_files_that_exist() {
+    let compose = repo_file("docker-compose.yml");
+    let mounts: Vec<&str> = compose
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- ./"))
+        .filter_map(|l| l.split(':').next())
+        .filter(|p| p.starts_with("observability"))
+        .collect();
+    assert!(
+        mounts.len() >= 4,
+        "prometheus.yml, alerts.yml, provisioning, dashboards: {mounts:?}"
+    );
+    for m in mounts {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(m);
+        assert!(path.exists(), "{m} is mounted but missing");
+    }
+    for service in ["prometheus", "grafana"] {
+        let block: Vec<&str> = compose
+            .lines()
+            .skip_while(|l| *l != format!("  {service}:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .collect();
+        assert!(
+            block
+                .iter()
+                .any(|l| l.trim() == r#"profiles: ["observability"]"#),
+            "{service} is in the observability profile only"
+        );
+    }
+}
+
+#[test]
 fn env_example_documents_exactly_what_compose_passes() {
     let example = env_example();
-    let compose = compose_env();
+    let mut compose = compose_env();
+    for (var, (default, _)) in compose_ports() {
+        assert!(
+            compose.insert(var.clone(), default).is_none(),
+            "{var} is both a port and a setting"
+        );
+    }
     let only_example: Vec<&String> = example
         .keys()
         .filter(|k| !compose.contains_key(*k))

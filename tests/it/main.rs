@@ -16,6 +16,7 @@ mod intake;
 mod listeners;
 mod logs;
 mod metrics;
+mod observability;
 mod payloads;
 mod receive;
 mod request_path;

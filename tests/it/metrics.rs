@@ -2,7 +2,7 @@
 //! exactly the expected counters. The relay runs as its own process, so its registry
 //! holds what this test did and nothing else.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use webhook_relay::app::Role;
@@ -108,6 +108,23 @@ fn series(samples: &[Sample], name: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// The series of `name` that moved: registered-at-0 series left out.
+fn moved(samples: &[Sample], name: &str) -> BTreeMap<String, f64> {
+    series(samples, name)
+        .into_iter()
+        .filter(|(_, v)| *v != 0.0)
+        .collect()
+}
+
+/// Every (name, labels) of a scrape but the queue depths, which the broker fills.
+fn series_keys(samples: &[Sample]) -> BTreeSet<(String, BTreeMap<String, String>)> {
+    samples
+        .iter()
+        .filter(|s| s.name != "webhook_relay_queue_depth")
+        .map(|s| (s.name.clone(), s.labels.clone()))
+        .collect()
+}
+
 fn expect(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
 }
@@ -157,6 +174,7 @@ async fn counters_hold_exactly_what_happened() {
     )
     .await;
     let http = reqwest::Client::new();
+    let (first, _) = scrape(&http, &relay).await;
     let post = |path: &str, body: &str| {
         http.post(relay.url(path))
             .header("content-type", "application/json")
@@ -198,7 +216,7 @@ async fn counters_hold_exactly_what_happened() {
 
     let (s, types) = scrape(&http, &relay).await;
     assert_eq!(
-        series(&s, "webhook_relay_events_received_total"),
+        moved(&s, "webhook_relay_events_received_total"),
         expect(&[
             (
                 "answer=dead_lettered,code=202,endpoint=/webhooks/{name}",
@@ -213,7 +231,7 @@ async fn counters_hold_exactly_what_happened() {
         ])
     );
     assert_eq!(
-        series(&s, "webhook_relay_delivery_attempts_total"),
+        moved(&s, "webhook_relay_delivery_attempts_total"),
         expect(&[
             ("result=delivered,status_class=2xx", 1.0),
             ("result=permanent,status_class=4xx", 1.0),
@@ -221,7 +239,7 @@ async fn counters_hold_exactly_what_happened() {
         ])
     );
     assert_eq!(
-        series(&s, "webhook_relay_delivery_duration_seconds_count"),
+        moved(&s, "webhook_relay_delivery_duration_seconds_count"),
         expect(&[
             ("result=delivered", 1.0),
             ("result=permanent", 1.0),
@@ -229,22 +247,22 @@ async fn counters_hold_exactly_what_happened() {
         ])
     );
     assert_eq!(
-        series(&s, "webhook_relay_retries_scheduled_total"),
+        moved(&s, "webhook_relay_retries_scheduled_total"),
         expect(&[("level=01-40ms", 1.0)])
     );
     assert_eq!(
-        series(&s, "webhook_relay_dead_lettered_total"),
+        moved(&s, "webhook_relay_dead_lettered_total"),
         expect(&[("reason=attempts_exhausted", 1.0), ("reason=refused", 1.0)])
     );
     assert_eq!(
-        series(&s, "webhook_relay_publish_confirm_seconds_count"),
+        moved(&s, "webhook_relay_publish_confirm_seconds_count"),
         expect(&[
             ("result=confirmed,target=dlq", 2.0),
             ("result=confirmed,target=retry", 1.0)
         ])
     );
     assert_eq!(series(&s, "webhook_relay_broker_up"), expect(&[("", 1.0)]));
-    assert!(series(&s, "webhook_relay_dlq_replayed_total").is_empty());
+    assert!(moved(&s, "webhook_relay_dlq_replayed_total").is_empty());
     for (name, kind) in [
         ("webhook_relay_events_received_total", "counter"),
         ("webhook_relay_delivery_attempts_total", "counter"),
@@ -304,7 +322,7 @@ async fn counters_hold_exactly_what_happened() {
     .await;
     let (s, _) = scrape(&http, &relay).await;
     assert_eq!(
-        series(&s, "webhook_relay_dlq_replayed_total"),
+        moved(&s, "webhook_relay_dlq_replayed_total"),
         expect(&[("result=moved", 2.0)])
     );
     assert_eq!(
@@ -313,6 +331,17 @@ async fn counters_hold_exactly_what_happened() {
             .sum::<f64>(),
         4.0,
         "replays are not receptions"
+    );
+    // Every series the traffic moved was on the first scrape already, at 0.
+    let appeared: Vec<_> = series_keys(&s)
+        .difference(&series_keys(&first))
+        .cloned()
+        .collect();
+    assert!(appeared.is_empty(), "not on the first scrape: {appeared:?}");
+    assert_eq!(
+        moved(&first, "webhook_relay_events_received_total"),
+        expect(&[]),
+        "the first scrape counts nothing yet"
     );
     inspect.close().await;
 }
@@ -325,4 +354,138 @@ async fn a_worker_process_serves_metrics_too() {
     assert_eq!(resp.status(), 200);
     let (s, _) = parse(&resp.text().await.unwrap());
     assert!(s.iter().any(|x| x.name == "webhook_relay_broker_up"));
+}
+
+/// The `label=value` sets of `name` on a scrape.
+fn label_sets(samples: &[Sample], name: &str) -> BTreeSet<String> {
+    series(samples, name).into_keys().collect()
+}
+
+#[tokio::test]
+async fn every_family_is_on_the_first_scrape_at_zero() {
+    let down = Downstream::start(Reply::Status(200)).await;
+    let http = reqwest::Client::new();
+
+    // serve with inline delivery and /admin: every family the relay has.
+    let prefix = unique_prefix("metrics-first");
+    let relay = RelayProcess::start(
+        &prefix,
+        "serve",
+        &[("DOWNSTREAM_URL", &down.url()), ("ADMIN_TOKEN", "first")],
+    )
+    .await;
+    let (s, types) = scrape(&http, &relay).await;
+    for (name, kind) in [
+        ("webhook_relay_events_received_total", "counter"),
+        ("webhook_relay_delivery_attempts_total", "counter"),
+        ("webhook_relay_delivery_duration_seconds", "histogram"),
+        ("webhook_relay_retries_scheduled_total", "counter"),
+        ("webhook_relay_dead_lettered_total", "counter"),
+        ("webhook_relay_dlq_replayed_total", "counter"),
+        ("webhook_relay_dlq_purged_total", "counter"),
+        ("webhook_relay_publish_confirm_seconds", "histogram"),
+        ("webhook_relay_broker_up", "gauge"),
+    ] {
+        assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
+    }
+    let received = label_sets(&s, "webhook_relay_events_received_total");
+    for endpoint in ["/webhook/receive", "/webhooks/{name}"] {
+        for (code, answer) in [
+            (200, "delivered"),
+            (202, "queued_for_retry"),
+            (202, "dead_lettered"),
+            (400, "error"),
+            (401, "error"),
+            (413, "error"),
+            (503, "error"),
+        ] {
+            let key = format!("answer={answer},code={code},endpoint={endpoint}");
+            assert!(received.contains(&key), "{key} in {received:?}");
+        }
+    }
+    assert!(
+        !received.iter().any(|k| k.starts_with("answer=queued,")),
+        "an inline receiver never answers `queued`"
+    );
+    let levels: BTreeSet<String> = relay
+        .topology()
+        .retry
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("level={}", webhook_relay::metrics::level_label(i, l.delay)))
+        .collect();
+    assert_eq!(
+        label_sets(&s, "webhook_relay_retries_scheduled_total"),
+        levels,
+        "one series per retry level"
+    );
+    assert_eq!(
+        label_sets(&s, "webhook_relay_dead_lettered_total"),
+        BTreeSet::from([
+            "reason=attempts_exhausted".to_owned(),
+            "reason=refused".to_owned()
+        ])
+    );
+    assert!(
+        label_sets(&s, "webhook_relay_delivery_attempts_total").is_superset(&BTreeSet::from([
+            "result=delivered,status_class=2xx".to_owned(),
+            "result=permanent,status_class=4xx".to_owned(),
+            "result=retryable,status_class=5xx".to_owned(),
+            "result=retryable,status_class=none".to_owned(),
+        ]))
+    );
+    assert_eq!(
+        label_sets(&s, "webhook_relay_delivery_duration_seconds_count"),
+        BTreeSet::from([
+            "result=delivered".to_owned(),
+            "result=permanent".to_owned(),
+            "result=retryable".to_owned()
+        ])
+    );
+    assert_eq!(
+        label_sets(&s, "webhook_relay_dlq_replayed_total"),
+        BTreeSet::from(["result=failed".to_owned(), "result=moved".to_owned()])
+    );
+    let counted: f64 = s
+        .iter()
+        .filter(|x| x.name.ends_with("_total") || x.name.ends_with("_count"))
+        .map(|x| x.value)
+        .sum();
+    assert_eq!(counted, 0.0, "nothing happened yet");
+    drop(relay);
+
+    // A queueing receiver answers `queued` and publishes to the work queue only.
+    let prefix = unique_prefix("metrics-first-rx");
+    let receiver = RelayProcess::start(&prefix, "receiver", &[("INLINE_DELIVERY", "false")]).await;
+    let (s, types) = scrape(&http, &receiver).await;
+    let received = label_sets(&s, "webhook_relay_events_received_total");
+    assert!(received.contains("answer=queued,code=202,endpoint=/webhooks/{name}"));
+    assert!(!received.iter().any(|k| k.starts_with("answer=delivered,")));
+    assert_eq!(
+        label_sets(&s, "webhook_relay_publish_confirm_seconds_count"),
+        BTreeSet::from([
+            "result=confirmed,target=work".to_owned(),
+            "result=failed,target=work".to_owned()
+        ])
+    );
+    assert!(!types.contains_key("webhook_relay_delivery_attempts_total"));
+    assert!(
+        !types.contains_key("webhook_relay_dlq_replayed_total"),
+        "no /admin"
+    );
+    drop(receiver);
+
+    // A worker attempts, retries and dead-letters, and receives nothing.
+    let prefix = unique_prefix("metrics-first-wk");
+    let worker = RelayProcess::start(&prefix, "worker", &[("DOWNSTREAM_URL", &down.url())]).await;
+    let (_, types) = scrape(&http, &worker).await;
+    assert!(!types.contains_key("webhook_relay_events_received_total"));
+    for name in [
+        "webhook_relay_delivery_attempts_total",
+        "webhook_relay_retries_scheduled_total",
+        "webhook_relay_dead_lettered_total",
+        "webhook_relay_publish_confirm_seconds",
+    ] {
+        assert!(types.contains_key(name), "{name} on a worker");
+    }
 }
