@@ -41,10 +41,12 @@ fi
 # The compose file must stay valid; checking it needs the compose tool, not the engine.
 if command -v docker-compose >/dev/null 2>&1; then
   docker-compose config -q
-  echo "test.sh: docker-compose.yml is valid (docker-compose config)"
+  docker-compose -f docker-compose.cluster.yml config -q
+  echo "test.sh: docker-compose.yml and docker-compose.cluster.yml are valid (docker-compose config)"
 elif docker compose version >/dev/null 2>&1; then
   docker compose config -q
-  echo "test.sh: docker-compose.yml is valid (docker compose config)"
+  docker compose -f docker-compose.cluster.yml config -q
+  echo "test.sh: docker-compose.yml and docker-compose.cluster.yml are valid (docker compose config)"
 else
   echo "test.sh: neither docker-compose nor docker compose found; docker-compose.yml not checked"
 fi
