@@ -178,10 +178,12 @@ const ATTEMPT_SERIES: [(&str, &str); 6] = [
 pub fn register_known(known: &KnownSeries<'_>) {
     if known.receives {
         let answers: &[(u16, &'static str)] = if known.inline {
+            // Past INLINE_MAX_INFLIGHT an inline receiver queues (202 `queued`) too.
             &[
                 (200, "delivered"),
                 (202, "queued_for_retry"),
                 (202, "dead_lettered"),
+                (202, "queued"),
             ]
         } else {
             &[(202, "queued")]
@@ -212,10 +214,16 @@ pub fn register_known(known: &KnownSeries<'_>) {
             counter!(DEAD_LETTERED, "reason" => reason.as_str()).increment(0);
         }
         targets.extend(["retry", "dlq"]);
+        counter!(SETTLE_RETRIES).increment(0);
+        counter!(ACK_FAILURES).increment(0);
     }
-    // Without inline delivery the receiver publishes every event to the work queue.
-    if known.receives && !known.inline {
+    // A receiver publishes to the work queue: every event without inline delivery,
+    // the ones past INLINE_MAX_INFLIGHT with it.
+    if known.receives {
         targets.push("work");
+        for limit in ["inline", "bytes", "connections"] {
+            counter!(INTAKE_LIMIT_HITS, "limit" => limit).increment(0);
+        }
     }
     for target in targets {
         for result in ["confirmed", "failed"] {
