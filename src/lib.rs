@@ -15,6 +15,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod payload;
+pub mod protect;
 pub mod relay;
 pub mod retry;
 pub mod telemetry;

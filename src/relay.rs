@@ -9,6 +9,7 @@ use crate::broker::{Broker, PublishError, Target, Topology};
 use crate::config::Config;
 use crate::delivery::Downstream;
 use crate::envelope::Envelope;
+use crate::protect::{Protect, Ticket};
 use crate::retry::{DeadLetterReason, Decision, Ladder, Policy};
 
 /// Everything a receiver or worker needs, built once per process.
@@ -21,6 +22,8 @@ pub struct Relay {
     pub downstream: Option<Downstream>,
     /// Attempts and retry ladder.
     pub policy: Policy,
+    /// What every attempt must pass first (SPEC §5a).
+    pub protect: Protect,
 }
 
 /// Where an attempted event ended up, durably.
@@ -49,11 +52,17 @@ impl Relay {
             max_attempts: config.max_attempts,
             ladder,
         };
+        let protect = Protect::new(
+            config.protect,
+            config.worker_concurrency,
+            Default::default(),
+        );
         Self {
             config,
             broker,
             downstream,
             policy,
+            protect,
         }
     }
 
@@ -63,15 +72,21 @@ impl Relay {
     }
 
     /// Makes the next attempt of `event` within `timeout` (default DELIVERY_TIMEOUT_MS)
-    /// and decides its fate. The event comes back with the attempt recorded (and the
-    /// dead-letter reason set), ready for [`Relay::settle`]; nothing is stored yet.
-    pub async fn attempt(&self, mut event: Envelope, timeout: Option<Duration>) -> Attempted {
+    /// and decides its fate; `ticket` (from [`Protect`]) hears how it went. The event
+    /// comes back with the attempt recorded (and the dead-letter reason set), ready for
+    /// [`Relay::settle`]; nothing is stored yet.
+    pub async fn attempt(
+        &self,
+        mut event: Envelope,
+        timeout: Option<Duration>,
+        ticket: Ticket,
+    ) -> Attempted {
         let downstream = self
             .downstream
             .as_ref()
             .expect("delivering commands are built with a downstream");
         let attempt = event.attempts.saturating_add(1);
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let outcome = downstream
             .attempt(
                 &event,
@@ -79,7 +94,9 @@ impl Relay {
                 timeout.unwrap_or(self.config.delivery_timeout),
             )
             .await;
-        crate::metrics::attempted(outcome.label(), outcome.status(), started.elapsed());
+        let took = started.elapsed();
+        ticket.finish(&outcome, started, took);
+        crate::metrics::attempted(outcome.label(), outcome.status(), took);
         let decision = self.policy.decide(attempt, &outcome);
         event.record_attempt(attempt, outcome.status(), outcome.error());
         if let Decision::DeadLetter(reason) = decision {
@@ -144,10 +161,11 @@ impl Relay {
         &self,
         event: Envelope,
         timeout: Option<Duration>,
+        ticket: Ticket,
     ) -> Result<Settled, PublishError> {
         let span = tracing::info_span!("event", event_id = %event.id, webhook = %event.webhook);
         async move {
-            let attempted = self.attempt(event, timeout).await;
+            let attempted = self.attempt(event, timeout, ticket).await;
             self.settle(&attempted).await.inspect_err(
                 |e| tracing::debug!(error = %e, "could not store the attempt's outcome"),
             )

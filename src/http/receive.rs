@@ -73,6 +73,18 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
             early_id(),
         ));
     }
+    // Past MAX_BACKLOG the sender keeps the event (EventBridge retries for 24 h) rather
+    // than the queues growing without bound; the depth is the broker's, read once a second.
+    if let Some(held) = relay.protect.backlog_full() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "backlog full ({held} events waiting, MAX_BACKLOG {}); retry later",
+                cfg.protect.max_backlog.unwrap_or_default()
+            ),
+            early_id(),
+        ));
+    }
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -150,16 +162,22 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
         ))
     };
 
-    if !cfg.inline_delivery {
+    // Queue-first, or no inline attempt may be made now (the breaker is open, the rate
+    // is used up): a worker delivers it, the sender does not wait.
+    let ticket = cfg
+        .inline_delivery
+        .then(|| relay.protect.admit_inline())
+        .flatten();
+    let Some(ticket) = ticket else {
         relay
             .broker
             .publish(Target::Work, &event)
             .await
             .map_err(unavailable)?;
         return answer(StatusCode::ACCEPTED, "queued");
-    }
+    };
     match relay
-        .attempt_and_settle(event, Some(cfg.inline_timeout))
+        .attempt_and_settle(event, Some(cfg.inline_timeout), ticket)
         .await
     {
         Ok(Settled::Delivered) => answer(StatusCode::OK, "delivered"),
