@@ -86,7 +86,7 @@ impl Relay {
             .as_ref()
             .expect("delivering commands are built with a downstream");
         let attempt = event.attempts.saturating_add(1);
-        let started = tokio::time::Instant::now();
+        let started = std::time::Instant::now();
         let outcome = downstream
             .attempt(
                 &event,
@@ -95,7 +95,7 @@ impl Relay {
             )
             .await;
         let took = started.elapsed();
-        ticket.finish(&outcome, started, took);
+        ticket.finish(&outcome, took);
         crate::metrics::attempted(outcome.label(), outcome.status(), took);
         let decision = self.policy.decide(attempt, &outcome);
         event.record_attempt(attempt, outcome.status(), outcome.error());

@@ -293,8 +293,8 @@ impl Ticket {
         self.probe
     }
 
-    /// Reports the outcome of the attempt that started at `started` and took `took`.
-    pub fn finish(mut self, outcome: &Outcome, started: Instant, took: Duration) {
+    /// Reports the outcome of an attempt that took `took`.
+    pub fn finish(mut self, outcome: &Outcome, took: Duration) {
         self.finished = true;
         let signal = if outcome.is_overload() {
             Signal::Overload
@@ -305,7 +305,7 @@ impl Ticket {
             }
         };
         if let Some(permit) = self.permit.take() {
-            permit.finish(signal, started);
+            permit.finish(signal);
         }
         if let Some(circuit) = &self.shared.circuit {
             let failed = matches!(outcome, Outcome::Retryable { .. });

@@ -15,6 +15,7 @@ mod hostile;
 mod logs;
 mod metrics;
 mod payloads;
+mod protect;
 mod receive;
 mod request_path;
 mod signing;
