@@ -399,8 +399,7 @@ fn protect_settings(raw: &RawEnv) -> Result<crate::protect::ProtectSettings, Con
             "must be a percentage from 1 to 100",
         ));
     }
-    let min_attempts: u32 =
-        positive("BREAKER_MIN_ATTEMPTS", raw.breaker_min_attempts.clone(), 20)?;
+    let min_attempts: u32 = positive("BREAKER_MIN_ATTEMPTS", raw.breaker_min_attempts.clone(), 20)?;
     if min_attempts > 10_000 {
         return Err(ConfigError::new(
             "BREAKER_MIN_ATTEMPTS",
@@ -569,7 +568,10 @@ mod tests {
         );
         assert_eq!(p.max_backlog, Some(100));
         let on = cfg(&[("CIRCUIT_BREAKER", "true")]).unwrap().protect.breaker;
-        assert_eq!(on, Some(crate::protect::breaker::BreakerSettings::default()));
+        assert_eq!(
+            on,
+            Some(crate::protect::breaker::BreakerSettings::default())
+        );
     }
 
     #[test]
@@ -612,10 +614,16 @@ mod tests {
                 "DOWNSTREAM_SIGNING_SECRET",
             ),
             (vec![("GENESYS_REGION", "atlantis")], "GENESYS_REGION"),
-            (vec![("ADAPTIVE_CONCURRENCY", "auto")], "ADAPTIVE_CONCURRENCY"),
+            (
+                vec![("ADAPTIVE_CONCURRENCY", "auto")],
+                "ADAPTIVE_CONCURRENCY",
+            ),
             (vec![("DOWNSTREAM_MAX_RPS", "0")], "DOWNSTREAM_MAX_RPS"),
             (vec![("CIRCUIT_BREAKER", "sometimes")], "CIRCUIT_BREAKER"),
-            (vec![("BREAKER_FAILURE_PERCENT", "101")], "BREAKER_FAILURE_PERCENT"),
+            (
+                vec![("BREAKER_FAILURE_PERCENT", "101")],
+                "BREAKER_FAILURE_PERCENT",
+            ),
             (vec![("BREAKER_MIN_ATTEMPTS", "0")], "BREAKER_MIN_ATTEMPTS"),
             (vec![("BREAKER_PROBE_MS", "-5")], "BREAKER_PROBE_MS"),
             (vec![("MAX_BACKLOG", "lots")], "MAX_BACKLOG"),

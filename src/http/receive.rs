@@ -73,18 +73,6 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
             early_id(),
         ));
     }
-    // Past MAX_BACKLOG the sender keeps the event (EventBridge retries for 24 h) rather
-    // than the queues growing without bound; the depth is the broker's, read once a second.
-    if let Some(held) = relay.protect.backlog_full() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "backlog full ({held} events waiting, MAX_BACKLOG {}); retry later",
-                cfg.protect.max_backlog.unwrap_or_default()
-            ),
-            early_id(),
-        ));
-    }
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -132,6 +120,19 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
 
     let id = event::event_id(&headers, Some(&identity)).unwrap_or_else(event::new_event_id);
     let webhook = event::webhook_name(name.as_deref(), &headers, Some(&identity));
+    // Past MAX_BACKLOG the sender keeps the event (EventBridge retries for 24 h) rather
+    // than the queues growing without bound; the depth is the broker's, read once a second.
+    // Checked once the id is known, so the answer names the event.
+    if let Some(held) = relay.protect.backlog_full() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "backlog full ({held} events waiting, MAX_BACKLOG {}); retry later",
+                cfg.protect.max_backlog.unwrap_or_default()
+            ),
+            id.clone(),
+        ));
+    }
     let span = tracing::info_span!("event", event_id = %id, webhook = %webhook);
     let event = Envelope::received(
         id.clone(),

@@ -307,7 +307,10 @@ mod tests {
         assert!(share < 0.06, "refused {refused} of {attempts}");
         // Steady state: the downstream is kept busy.
         let (attempts, refused) = simulate(&mut a, 4, 100);
-        assert!(attempts - refused >= 380, "{attempts} attempts in 100 round trips");
+        assert!(
+            attempts - refused >= 380,
+            "{attempts} attempts in 100 round trips"
+        );
     }
 
     #[test]
@@ -378,7 +381,9 @@ mod tests {
         assert!(futures_util::poll!(next.as_mut()).is_pending());
         // A dropped permit (never attempted) makes room without a signal.
         drop(_held);
-        let _p = tokio::time::timeout(ms(10), next).await.expect("room again");
+        let _p = tokio::time::timeout(ms(10), next)
+            .await
+            .expect("room again");
     }
 
     proptest! {

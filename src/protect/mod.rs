@@ -253,7 +253,8 @@ impl Circuit {
                 Admit::Probe => return Some(true),
                 Admit::Wait { until } => {
                     // A probe in flight ends with a state change; a day is "never".
-                    let until = until.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+                    let until =
+                        until.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
                     tokio::select! {
                         _ = changed => {}
                         _ = tokio::time::sleep_until(until) => {}
@@ -309,11 +310,11 @@ impl Ticket {
         }
         if let Some(circuit) = &self.shared.circuit {
             let failed = matches!(outcome, Outcome::Retryable { .. });
-            let change = circuit
-                .breaker
-                .lock()
-                .expect("breaker lock")
-                .record(failed, self.probe, Instant::now());
+            let change = circuit.breaker.lock().expect("breaker lock").record(
+                failed,
+                self.probe,
+                Instant::now(),
+            );
             self.shared.announce(change);
         }
     }

@@ -26,7 +26,11 @@ async fn post_many(
     let answers: Vec<(u16, String)> = futures_util::stream::iter(0..n)
         .map(|i| async move {
             let resp = app
-                .post("/webhook/receive", &format!(r#"{{"id":"{tag}-{i:04}"}}"#), &[])
+                .post(
+                    "/webhook/receive",
+                    &format!(r#"{{"id":"{tag}-{i:04}"}}"#),
+                    &[],
+                )
                 .await;
             let code = resp.status().as_u16();
             let body: serde_json::Value = resp.json().await.unwrap_or_default();
@@ -181,9 +185,11 @@ async fn an_outage_costs_no_event_its_attempts_with_the_breaker() {
     )
     .await;
     let drained_in = recovered.elapsed();
-    eventually(Duration::from_secs(10), "breaker on: queues empty", || async {
-        inspect.total(on.topology()).await == 0
-    })
+    eventually(
+        Duration::from_secs(10),
+        "breaker on: queues empty",
+        || async { inspect.total(on.topology()).await == 0 },
+    )
     .await;
     assert_eq!(on.relay.protect.breaker_state(), Some(State::Closed));
 
@@ -193,7 +199,10 @@ async fn an_outage_costs_no_event_its_attempts_with_the_breaker() {
     let bound = 20 + 32 + CLIENT_CONCURRENCY + probes;
     let dlq_off = inspect.count(&off.topology().dlq).await as usize;
     let dlq_envelopes = drain_envelopes(&inspect, &off.topology().dlq).await;
-    let attempts_off: usize = dlq_envelopes.iter().map(|e| e.attempts as usize).sum::<usize>()
+    let attempts_off: usize = dlq_envelopes
+        .iter()
+        .map(|e| e.attempts as usize)
+        .sum::<usize>()
         + failed_before_delivery(&down_off.received());
     println!(
         "outage {OUTAGE:?}, {OUTAGE_EVENTS} events, MAX_ATTEMPTS=3: breaker on: {attempts_on} attempts during the outage \
@@ -398,7 +407,9 @@ async fn max_backlog_turns_new_events_away_until_the_queues_drain() {
         down.delivered().len() == 100 && app.relay.protect.backlog().held() == 0
     })
     .await;
-    let resp = app.post("/webhook/receive", r#"{"id":"bl-after"}"#, &[]).await;
+    let resp = app
+        .post("/webhook/receive", r#"{"id":"bl-after"}"#, &[])
+        .await;
     assert_eq!(resp.status(), 202);
     println!(
         "MAX_BACKLOG=100: events 101-105 answered 503 + Retry-After; after the drain 202 again"
