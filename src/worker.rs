@@ -178,6 +178,11 @@ async fn settle_delivery(
     let Some(ticket) = relay.protect.admit(cancel).await else {
         return;
     };
+    // Held through a channel loss (a broker restart during an outage): the broker has
+    // redelivered it elsewhere, so attempting it here would only make a duplicate.
+    if !channel.status().connected() {
+        return;
+    }
     let attempted = relay.attempt(event, None, ticket).await;
     let mut wait = SETTLE_RETRY_MIN;
     let settle = loop {

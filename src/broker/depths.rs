@@ -32,6 +32,12 @@ impl Backlog {
         self.0.store(held, Ordering::Relaxed);
         crate::metrics::backlog(held);
     }
+
+    /// Sets the depth as a broker read would (unit tests of the bound).
+    #[cfg(test)]
+    pub(crate) fn set_for_test(&self, held: u64) {
+        self.set(held);
+    }
 }
 /// Longest one passive declare may take before the round is abandoned.
 const PEEK_DEADLINE: Duration = Duration::from_secs(2);

@@ -335,3 +335,125 @@ impl Drop for Ticket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn refused() -> Outcome {
+        Outcome::Retryable {
+            status: None,
+            error: "connection failed: refused".into(),
+            retry_after: None,
+            timed_out: false,
+        }
+    }
+
+    fn with_breaker() -> Protect {
+        let settings = ProtectSettings {
+            breaker: Some(BreakerSettings {
+                failure_percent: 100,
+                min_attempts: 2,
+                probe: ms(1000),
+            }),
+            ..ProtectSettings::default()
+        };
+        Protect::new(settings, 8, Backlog::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_holds_deliveries_and_lets_one_probe_through() {
+        let p = with_breaker();
+        let cancel = CancellationToken::new();
+        for _ in 0..2 {
+            p.admit(&cancel).await.unwrap().finish(&refused(), ms(1));
+        }
+        assert_eq!(p.breaker_state(), Some(State::Open));
+        assert!(p.admit_inline().is_none(), "the receiver queues instead");
+
+        let mut a = Box::pin(p.admit(&cancel));
+        let mut b = Box::pin(p.admit(&cancel));
+        assert!(futures_util::poll!(a.as_mut()).is_pending());
+        assert!(futures_util::poll!(b.as_mut()).is_pending());
+        tokio::time::advance(ms(1000)).await;
+        let (probe, mut other) = match futures_util::future::select(a, b).await {
+            futures_util::future::Either::Left((t, other)) => (t.unwrap(), other),
+            futures_util::future::Either::Right((t, other)) => (t.unwrap(), other),
+        };
+        assert!(probe.is_probe());
+        assert_eq!(p.breaker_state(), Some(State::HalfOpen));
+        assert!(
+            futures_util::poll!(other.as_mut()).is_pending(),
+            "one probe at a time"
+        );
+        assert!(p.admit_inline().is_none());
+
+        probe.finish(&Outcome::Delivered { status: 200 }, ms(5));
+        assert_eq!(p.breaker_state(), Some(State::Closed));
+        // The backlog drains from one attempt in flight.
+        assert_eq!(p.concurrency_limit(), Some(1));
+        let next = other.await.unwrap();
+        assert!(!next.is_probe());
+        let mut third = Box::pin(p.admit(&cancel));
+        assert!(futures_util::poll!(third.as_mut()).is_pending());
+        next.finish(&Outcome::Delivered { status: 200 }, ms(5));
+        assert_eq!(p.concurrency_limit(), Some(2));
+        third.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_doubles_the_wait_and_an_abandoned_one_does_not() {
+        let p = with_breaker();
+        let cancel = CancellationToken::new();
+        for _ in 0..2 {
+            p.admit(&cancel).await.unwrap().finish(&refused(), ms(1));
+        }
+        tokio::time::advance(ms(1000)).await;
+        p.admit(&cancel).await.unwrap().finish(&refused(), ms(1));
+        let mut next = Box::pin(p.admit(&cancel));
+        tokio::time::advance(ms(1999)).await;
+        assert!(futures_util::poll!(next.as_mut()).is_pending());
+        tokio::time::advance(ms(1)).await;
+        let probe = next.await.unwrap();
+        assert!(probe.is_probe());
+        drop(probe); // never attempted (shutdown): another probe soon, same wait
+        let mut again = Box::pin(p.admit(&cancel));
+        tokio::time::advance(ms(1999)).await;
+        assert!(futures_util::poll!(again.as_mut()).is_pending());
+        tokio::time::advance(ms(1)).await;
+        assert!(again.await.unwrap().is_probe());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_releases_a_held_delivery_unattempted() {
+        let p = with_breaker();
+        let cancel = CancellationToken::new();
+        for _ in 0..2 {
+            p.admit(&cancel).await.unwrap().finish(&refused(), ms(1));
+        }
+        let held = p.admit(&cancel);
+        cancel.cancel();
+        assert!(held.await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_backlog_is_full_at_max_backlog_events() {
+        let backlog = Backlog::default();
+        let settings = ProtectSettings {
+            max_backlog: Some(100),
+            ..ProtectSettings::default()
+        };
+        let p = Protect::new(settings, 8, backlog.clone());
+        assert_eq!(p.backlog_full(), None);
+        backlog.set_for_test(99);
+        assert_eq!(p.backlog_full(), None);
+        backlog.set_for_test(100);
+        assert_eq!(p.backlog_full(), Some(100));
+        let unbounded = Protect::new(ProtectSettings::default(), 8, backlog);
+        assert_eq!(unbounded.backlog_full(), None);
+    }
+}
