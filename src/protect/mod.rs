@@ -167,6 +167,14 @@ impl Protect {
     /// be made now (the breaker is open, the rate is used up). The event is then queued
     /// to `P.work` instead: the sender is never made to wait.
     pub fn admit_inline(&self) -> Option<Ticket> {
+        // The rate first: a probe taken and then refused a slot would push the next
+        // probe back by a whole interval. A slot taken while the breaker is open is
+        // one no worker wanted anyway.
+        if let Some(rate) = &self.rate
+            && rate.check().is_err()
+        {
+            return None;
+        }
         let probe = match &self.shared.circuit {
             None => false,
             Some(c) => match c.try_admit() {
@@ -175,13 +183,7 @@ impl Protect {
                 Admit::Wait { .. } => return None,
             },
         };
-        let ticket = Ticket::new(self.shared.clone(), probe);
-        if let Some(rate) = &self.rate
-            && rate.check().is_err()
-        {
-            return None;
-        }
-        Some(ticket)
+        Some(Ticket::new(self.shared.clone(), probe))
     }
 }
 
