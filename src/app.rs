@@ -173,8 +173,15 @@ impl App {
         let worker = role
             .works()
             .then(|| tokio::spawn(crate::worker::run(relay.clone(), cancel.clone())));
+        let depth_period = if relay.config.protect.max_backlog.is_some() {
+            crate::broker::depths::BACKLOG_REFRESH
+        } else {
+            crate::broker::depths::DEPTH_REFRESH
+        };
         let depths = tokio::spawn(crate::broker::depths::refresh(
             relay.broker.clone(),
+            relay.protect.backlog().clone(),
+            depth_period,
             cancel.clone(),
         ));
 

@@ -222,6 +222,9 @@ pub struct Config {
     /// `FORWARD_HEADERS`: when set, only these request headers (and `content-type`)
     /// travel to the downstream, instead of all but the excluded ones.
     pub forward_headers: Option<Vec<http::HeaderName>>,
+    // Protecting the downstream (SPEC §5a).
+    /// Adaptive concurrency, `DOWNSTREAM_MAX_RPS`, the circuit breaker, `MAX_BACKLOG`.
+    pub protect: crate::protect::ProtectSettings,
 }
 
 /// The variables as strings, exactly as envy reads them from the environment.
@@ -262,6 +265,14 @@ struct RawEnv {
     tls_key_file: Option<String>,
     admin_listen_addr: Option<String>,
     forward_headers: Option<String>,
+    // Protecting the downstream (SPEC §5a).
+    adaptive_concurrency: Option<String>,
+    downstream_max_rps: Option<String>,
+    circuit_breaker: Option<String>,
+    breaker_failure_percent: Option<String>,
+    breaker_min_attempts: Option<String>,
+    breaker_probe_ms: Option<String>,
+    max_backlog: Option<String>,
 }
 
 impl Config {
@@ -285,6 +296,7 @@ impl Config {
     }
 
     fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
+        let protect = protect_settings(&raw)?;
         let amqp_url =
             AmqpUrl::parse(&nonblank(raw.amqp_url).unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned()))?;
 
@@ -488,6 +500,7 @@ impl Config {
             tls,
             admin_listen_addr,
             forward_headers,
+            protect,
         })
     }
 
@@ -500,6 +513,60 @@ impl Config {
             )
         })
     }
+}
+
+/// SPEC §5a: the variables that protect the downstream.
+fn protect_settings(raw: &RawEnv) -> Result<crate::protect::ProtectSettings, ConfigError> {
+    let adaptive_concurrency = boolean(
+        "ADAPTIVE_CONCURRENCY",
+        raw.adaptive_concurrency.clone(),
+        true,
+    )?;
+    let max_rps = nonblank(raw.downstream_max_rps.clone())
+        .map(|v| positive::<u32>("DOWNSTREAM_MAX_RPS", Some(v), 1))
+        .transpose()?
+        .and_then(std::num::NonZeroU32::new);
+    let failure_percent: u8 = positive(
+        "BREAKER_FAILURE_PERCENT",
+        raw.breaker_failure_percent.clone(),
+        70,
+    )?;
+    if failure_percent > 100 {
+        return Err(ConfigError::new(
+            "BREAKER_FAILURE_PERCENT",
+            "must be a percentage from 1 to 100",
+        ));
+    }
+    let min_attempts: u32 = positive("BREAKER_MIN_ATTEMPTS", raw.breaker_min_attempts.clone(), 20)?;
+    if min_attempts > 10_000 {
+        return Err(ConfigError::new(
+            "BREAKER_MIN_ATTEMPTS",
+            "must be at most 10000",
+        ));
+    }
+    let probe_ms: u64 = positive("BREAKER_PROBE_MS", raw.breaker_probe_ms.clone(), 5_000)?;
+    if probe_ms > 3_600_000 {
+        return Err(ConfigError::new(
+            "BREAKER_PROBE_MS",
+            "must be at most 3600000 (1 h)",
+        ));
+    }
+    let breaker = boolean("CIRCUIT_BREAKER", raw.circuit_breaker.clone(), false)?.then_some(
+        crate::protect::breaker::BreakerSettings {
+            failure_percent,
+            min_attempts,
+            probe: Duration::from_millis(probe_ms),
+        },
+    );
+    let max_backlog = nonblank(raw.max_backlog.clone())
+        .map(|v| positive::<u64>("MAX_BACKLOG", Some(v), 1))
+        .transpose()?;
+    Ok(crate::protect::ProtectSettings {
+        adaptive_concurrency,
+        max_rps,
+        breaker,
+        max_backlog,
+    })
 }
 
 fn envy_error(e: envy::Error) -> ConfigError {
@@ -623,6 +690,39 @@ mod tests {
         assert_eq!(c.shutdown_grace, Duration::from_millis(10_000));
         assert_eq!(c.publish_timeout, Duration::from_millis(2_500));
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.protect, crate::protect::ProtectSettings::default());
+        assert!(c.protect.adaptive_concurrency && c.protect.breaker.is_none());
+    }
+
+    #[test]
+    fn protection_variables_parse() {
+        let c = cfg(&[
+            ("ADAPTIVE_CONCURRENCY", "false"),
+            ("DOWNSTREAM_MAX_RPS", "50"),
+            ("CIRCUIT_BREAKER", "true"),
+            ("BREAKER_FAILURE_PERCENT", "60"),
+            ("BREAKER_MIN_ATTEMPTS", "10"),
+            ("BREAKER_PROBE_MS", "250"),
+            ("MAX_BACKLOG", "100"),
+        ])
+        .unwrap();
+        let p = c.protect;
+        assert!(!p.adaptive_concurrency);
+        assert_eq!(p.max_rps.map(|r| r.get()), Some(50));
+        assert_eq!(
+            p.breaker,
+            Some(crate::protect::breaker::BreakerSettings {
+                failure_percent: 60,
+                min_attempts: 10,
+                probe: Duration::from_millis(250),
+            })
+        );
+        assert_eq!(p.max_backlog, Some(100));
+        let on = cfg(&[("CIRCUIT_BREAKER", "true")]).unwrap().protect.breaker;
+        assert_eq!(
+            on,
+            Some(crate::protect::breaker::BreakerSettings::default())
+        );
     }
 
     #[test]
@@ -701,6 +801,19 @@ mod tests {
                 vec![("INBOUND_TOKEN", "t"), ("INBOUND_BASIC_AUTH", "u:p")],
                 "INBOUND_TOKEN_HEADER",
             ),
+            (
+                vec![("ADAPTIVE_CONCURRENCY", "auto")],
+                "ADAPTIVE_CONCURRENCY",
+            ),
+            (vec![("DOWNSTREAM_MAX_RPS", "0")], "DOWNSTREAM_MAX_RPS"),
+            (vec![("CIRCUIT_BREAKER", "sometimes")], "CIRCUIT_BREAKER"),
+            (
+                vec![("BREAKER_FAILURE_PERCENT", "101")],
+                "BREAKER_FAILURE_PERCENT",
+            ),
+            (vec![("BREAKER_MIN_ATTEMPTS", "0")], "BREAKER_MIN_ATTEMPTS"),
+            (vec![("BREAKER_PROBE_MS", "-5")], "BREAKER_PROBE_MS"),
+            (vec![("MAX_BACKLOG", "lots")], "MAX_BACKLOG"),
         ] {
             let err = cfg(&vars).unwrap_err();
             assert_eq!(err.var, var, "{vars:?} gave {err}");

@@ -161,6 +161,9 @@ pub enum Outcome {
         error: String,
         /// The downstream's `Retry-After` (429/503 only).
         retry_after: Option<Duration>,
+        /// The attempt ran out of time (DELIVERY_TIMEOUT_MS or INLINE_TIMEOUT_MS): a sign
+        /// of an overloaded downstream, like a 429 or 503.
+        timed_out: bool,
     },
     /// Refused for good: 3xx (redirects are not followed) or a 4xx other than 408/429.
     Permanent {
@@ -185,6 +188,17 @@ impl Outcome {
         match self {
             Self::Delivered { .. } => None,
             Self::Retryable { error, .. } | Self::Permanent { error, .. } => Some(error),
+        }
+    }
+
+    /// Whether the downstream said it is overloaded: 429, 503 or no answer in time.
+    /// The adaptive concurrency limit backs off on these (SPEC §5a).
+    pub fn is_overload(&self) -> bool {
+        match self {
+            Self::Retryable {
+                status, timed_out, ..
+            } => *timed_out || matches!(status, Some(429 | 503)),
+            _ => false,
         }
     }
 
@@ -224,6 +238,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Out
             status: Some(code),
             error,
             retry_after,
+            timed_out: false,
         }
     } else {
         Outcome::Permanent {
@@ -307,6 +322,7 @@ impl Downstream {
                 outcome
             }
             Err(e) => Outcome::Retryable {
+                timed_out: e.is_timeout(),
                 status: None,
                 // The URL may carry credentials; the error text goes to logs and headers.
                 error: describe(&e.without_url(), timeout),

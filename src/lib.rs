@@ -16,6 +16,7 @@ pub mod http;
 pub mod intake;
 pub mod metrics;
 pub mod payload;
+pub mod protect;
 pub mod relay;
 pub mod retry;
 pub mod telemetry;

@@ -47,6 +47,17 @@ pub const SETTLE_RETRIES: &str = "webhook_relay_settle_retries_total";
 /// redelivers those events.
 pub const ACK_FAILURES: &str = "webhook_relay_ack_failures_total";
 
+/// The adaptive concurrency limit of a worker process (SPEC §5a); `WORKER_CONCURRENCY`
+/// when adaptive concurrency is off.
+pub const CONCURRENCY_LIMIT: &str = "webhook_relay_concurrency_limit";
+/// 1 for the circuit breaker's current `state` (`closed`, `open`, `half_open`), 0 for
+/// the others; absent when the breaker is off.
+pub const BREAKER_STATE: &str = "webhook_relay_circuit_breaker_state";
+/// Circuit breaker state changes, by the `state` entered.
+pub const BREAKER_CHANGES: &str = "webhook_relay_circuit_breaker_changes_total";
+/// Events in `P.work` and the retry levels together, as `MAX_BACKLOG` reads them.
+pub const BACKLOG: &str = "webhook_relay_backlog";
+
 /// Histogram buckets (seconds): from a fast local confirm to a slow downstream.
 const BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -132,6 +143,22 @@ fn describe() {
     describe_counter!(
         SETTLE_RETRIES,
         "Outcome publishes a worker tried again after a nack, a timeout or a broker block."
+    );
+    describe_gauge!(
+        CONCURRENCY_LIMIT,
+        "Attempts a worker process may have in flight (the adaptive concurrency limit)."
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "1 for the circuit breaker's current state (closed, open, half_open), else 0."
+    );
+    describe_counter!(
+        BREAKER_CHANGES,
+        "Circuit breaker state changes, by the state entered."
+    );
+    describe_gauge!(
+        BACKLOG,
+        "Events in the work queue and the retry levels together, refreshed from the broker."
     );
     describe_counter!(
         ACK_FAILURES,
@@ -279,6 +306,27 @@ pub fn broker_node(node: &str, in_use: bool) {
 /// `queue` (of `kind` work, retry or dlq) holds `ready` messages.
 pub fn queue_depth(queue: &str, kind: &'static str, ready: u32) {
     gauge!(QUEUE_DEPTH, "queue" => queue.to_owned(), "kind" => kind).set(f64::from(ready));
+}
+
+/// The adaptive concurrency limit is now `limit`.
+pub fn concurrency_limit(limit: usize) {
+    gauge!(CONCURRENCY_LIMIT).set(limit as f64);
+}
+
+/// The circuit breaker is in `state` (`closed`, `open` or `half_open`); `changed` when
+/// it just entered it.
+pub fn breaker_state(state: &'static str, changed: bool) {
+    for s in ["closed", "open", "half_open"] {
+        gauge!(BREAKER_STATE, "state" => s).set(if s == state { 1.0 } else { 0.0 });
+    }
+    if changed {
+        counter!(BREAKER_CHANGES, "state" => state).increment(1);
+    }
+}
+
+/// `P.work` and the retry levels hold `held` events.
+pub fn backlog(held: u64) {
+    gauge!(BACKLOG).set(held as f64);
 }
 
 /// A worker tries an outcome publish again.

@@ -9,6 +9,7 @@ use crate::broker::{Broker, PublishError, Target, Topology};
 use crate::config::Config;
 use crate::delivery::Downstream;
 use crate::envelope::Envelope;
+use crate::protect::{Protect, Ticket};
 use crate::retry::{DeadLetterReason, Decision, Ladder, Policy};
 
 /// Everything a receiver or worker needs, built once per process.
@@ -23,6 +24,8 @@ pub struct Relay {
     pub policy: Policy,
     /// The receiver's intake budget (SPEC §4.5).
     pub intake: crate::intake::Intake,
+    /// What every attempt must pass first (SPEC §5a).
+    pub protect: Protect,
 }
 
 /// Where an attempted event ended up, durably.
@@ -51,12 +54,18 @@ impl Relay {
             max_attempts: config.max_attempts,
             ladder,
         };
+        let protect = Protect::new(
+            config.protect,
+            config.worker_concurrency,
+            Default::default(),
+        );
         Self {
             intake: crate::intake::Intake::new(&config.intake),
             config,
             broker,
             downstream,
             policy,
+            protect,
         }
     }
 
@@ -66,9 +75,15 @@ impl Relay {
     }
 
     /// Makes the next attempt of `event` within `timeout` (default DELIVERY_TIMEOUT_MS)
-    /// and decides its fate. The event comes back with the attempt recorded (and the
-    /// dead-letter reason set), ready for [`Relay::settle`]; nothing is stored yet.
-    pub async fn attempt(&self, mut event: Envelope, timeout: Option<Duration>) -> Attempted {
+    /// and decides its fate; `ticket` (from [`Protect`]) hears how it went. The event
+    /// comes back with the attempt recorded (and the dead-letter reason set), ready for
+    /// [`Relay::settle`]; nothing is stored yet.
+    pub async fn attempt(
+        &self,
+        mut event: Envelope,
+        timeout: Option<Duration>,
+        ticket: Ticket,
+    ) -> Attempted {
         let downstream = self
             .downstream
             .as_ref()
@@ -82,7 +97,9 @@ impl Relay {
                 timeout.unwrap_or(self.config.delivery_timeout),
             )
             .await;
-        crate::metrics::attempted(outcome.label(), outcome.status(), started.elapsed());
+        let took = started.elapsed();
+        ticket.finish(&outcome, took);
+        crate::metrics::attempted(outcome.label(), outcome.status(), took);
         let decision = self.policy.decide(attempt, &outcome);
         event.record_attempt(attempt, outcome.status(), outcome.error());
         if let Decision::DeadLetter(reason) = decision {
@@ -147,10 +164,11 @@ impl Relay {
         &self,
         event: Envelope,
         timeout: Option<Duration>,
+        ticket: Ticket,
     ) -> Result<Settled, PublishError> {
         let span = tracing::info_span!("event", event_id = %event.id, webhook = %event.webhook);
         async move {
-            let attempted = self.attempt(event, timeout).await;
+            let attempted = self.attempt(event, timeout, ticket).await;
             self.settle(&attempted).await.inspect_err(
                 |e| tracing::debug!(error = %e, "could not store the attempt's outcome"),
             )

@@ -154,6 +154,7 @@ mod tests {
             status: Some(503),
             error: "HTTP 503".into(),
             retry_after,
+            timed_out: false,
         }
     }
 

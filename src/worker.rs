@@ -171,7 +171,19 @@ async fn settle_delivery(
     channel: &Channel,
     cancel: &CancellationToken,
 ) {
-    let attempted = relay.attempt(event, None).await;
+    // Held here, un-attempted, while the breaker is open or the adaptive limit is
+    // reached: the broker sends no more than the prefetch meanwhile, so the rest of the
+    // backlog waits in the queues. Stopping while held leaves the delivery un-acked for
+    // redelivery, never attempted.
+    let Some(ticket) = relay.protect.admit(cancel).await else {
+        return;
+    };
+    // Held through a channel loss (a broker restart during an outage): the broker has
+    // redelivered it elsewhere, so attempting it here would only make a duplicate.
+    if !channel.status().connected() {
+        return;
+    }
+    let attempted = relay.attempt(event, None, ticket).await;
     let mut wait = SETTLE_RETRY_MIN;
     let settle = loop {
         // An outcome is published only while the delivery's own channel is open: once

@@ -161,6 +161,19 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
 
     let id = event::event_id(&headers, Some(&identity)).unwrap_or_else(event::new_event_id);
     let webhook = event::webhook_name(name.as_deref(), &headers, Some(&identity));
+    // Past MAX_BACKLOG the sender keeps the event (EventBridge retries for 24 h) rather
+    // than the queues growing without bound; the depth is the broker's, read once a second.
+    // Checked once the id is known, so the answer names the event.
+    if let Some(held) = relay.protect.backlog_full() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "backlog full ({held} events waiting, MAX_BACKLOG {}); retry later",
+                cfg.protect.max_backlog.unwrap_or_default()
+            ),
+            id.clone(),
+        ));
+    }
     let span = tracing::info_span!("event", event_id = %id, webhook = %webhook);
     let event = Envelope::received(
         id.clone(),
@@ -195,14 +208,18 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
         ))
     };
 
-    // Past INLINE_MAX_INFLIGHT an event is not made to wait for the downstream: it is
-    // published queue-first and a worker delivers it (a burst is absorbed).
+    // Past INLINE_MAX_INFLIGHT, or when no inline attempt may be made now (the breaker
+    // is open, the rate is used up), the event is not made to wait for the downstream:
+    // it is published queue-first and a worker delivers it (a burst is absorbed).
     let inline_slot = if cfg.inline_delivery {
         relay.intake.try_inline()
     } else {
         None
     };
-    if inline_slot.is_none() {
+    let ticket = inline_slot
+        .as_ref()
+        .and_then(|_| relay.protect.admit_inline());
+    let Some(ticket) = ticket else {
         // The body's budget is released once the publish is written, not confirmed.
         relay
             .broker
@@ -210,9 +227,9 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
             .await
             .map_err(unavailable)?;
         return answer(StatusCode::ACCEPTED, "queued");
-    }
+    };
     match relay
-        .attempt_and_settle(event, Some(cfg.inline_timeout))
+        .attempt_and_settle(event, Some(cfg.inline_timeout), ticket)
         .await
     {
         Ok(Settled::Delivered) => answer(StatusCode::OK, "delivered"),

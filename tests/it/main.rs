@@ -18,6 +18,7 @@ mod logs;
 mod metrics;
 mod observability;
 mod payloads;
+mod protect;
 mod receive;
 mod request_path;
 mod signing;

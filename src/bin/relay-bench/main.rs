@@ -38,6 +38,11 @@ use tally::{Tally, event_id};
 const BACKOFF_BASE_MS: u64 = 300_000;
 const BACKOFF_MAX_MS: u64 = 600_000;
 
+/// The ladder of the downstream-capacity scenario: retries come back within a second,
+/// as refused attempts would in production (200 ms, 400 ms, 800 ms).
+const CAPACITY_BACKOFF_BASE_MS: u64 = 100;
+const CAPACITY_BACKOFF_MAX_MS: u64 = 800;
+
 /// How long a queue's count may take to show what its confirms and acks already said.
 const SETTLE: Duration = Duration::from_secs(10);
 
@@ -86,8 +91,12 @@ struct Args {
     /// The broker.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
     amqp_url: String,
+    /// Events pre-filled into P.work for the downstream-capacity scenario (5), per
+    /// mode [default: 2000; smoke: 300].
+    #[arg(long)]
+    capacity_events: Option<usize>,
     /// Run only these scenarios, e.g. `--only 2,3`.
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=4))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=5))]
     only: Vec<u8>,
 }
 
@@ -123,7 +132,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut rows = Vec::new();
     let mut worst_rss: f64 = 0.0;
     let mut failures = Vec::new();
-    for scenario in 1..=4u8 {
+    for scenario in 1..=5u8 {
         if !bench.args.only.is_empty() && !bench.args.only.contains(&scenario) {
             continue;
         }
@@ -132,7 +141,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             1 => bench.inline_healthy(&prefix).await,
             2 => bench.inline_refusing(&prefix).await,
             3 => bench.queue_first(&prefix).await,
-            _ => bench.drain(&prefix).await,
+            4 => bench.drain(&prefix).await,
+            _ => bench.capacity(&prefix).await,
         };
         bench.teardown(&prefix).await;
         match result {
@@ -257,6 +267,8 @@ struct Bench {
     rounds: usize,
     /// Events per paced latency measurement and round.
     paced_events: usize,
+    /// Events per mode of the downstream-capacity scenario.
+    capacity_events: usize,
     /// The relay binary under test.
     relay_bin: PathBuf,
     /// This run's tag: queue prefixes and event ids carry it.
@@ -280,16 +292,17 @@ impl Bench {
             "--connections must be between 1 and 65535 (it is also the prefetch)"
         );
         let amqp = amqp::connect(&args.amqp_url).await?;
-        let (events, drain_events, rounds, paced) = if args.smoke {
-            (300, 1_000, 1, 200)
+        let (events, drain_events, rounds, paced, capacity) = if args.smoke {
+            (300, 1_000, 1, 200, 300)
         } else {
-            (20_000, 50_000, 3, 5_000)
+            (20_000, 50_000, 3, 5_000, 2_000)
         };
         Ok(Self {
             events: args.events.unwrap_or(events).max(1),
             drain_events: args.drain_events.unwrap_or(drain_events).max(1),
             rounds: args.rounds.unwrap_or(rounds).max(1),
             paced_events: args.paced_events.unwrap_or(paced).max(1),
+            capacity_events: args.capacity_events.unwrap_or(capacity).max(1),
             run: format!("{}-{}", std::process::id(), envelope::now_ms() % 100_000),
             args,
             relay_bin,
@@ -774,7 +787,11 @@ impl Bench {
     /// Pre-fills `P.work` with `drain_events` events as the receiver would have queued
     /// them (the relay's own envelope), then checks the queue holds them all.
     async fn prefill(&self, topology: &Topology, tag: &str) -> anyhow::Result<()> {
-        let n = self.drain_events;
+        self.prefill_n(topology, tag, self.drain_events).await
+    }
+
+    /// [`Bench::prefill`] with `n` events.
+    async fn prefill_n(&self, topology: &Topology, tag: &str, n: usize) -> anyhow::Result<()> {
         let (tag, size) = (tag.to_owned(), self.args.size);
         amqp::publish_confirmed(
             &self.amqp,
@@ -863,6 +880,147 @@ impl Bench {
             report::thousands(rate)
         );
         Ok(rate)
+    }
+
+    /// Scenario 5: a downstream that serves 4 requests at a time (50 ms each, so 80/s at
+    /// most) and answers 503 past that, draining a pre-filled `P.work` with one worker
+    /// process, adaptive concurrency against a fixed WORKER_CONCURRENCY in the same run.
+    /// Retries run on a short ladder, as they would in production, so refusals cost
+    /// attempts and events exhausting theirs reach the DLQ.
+    async fn capacity(&self, prefix: &str) -> anyhow::Result<Vec<Row>> {
+        eprintln!("scenario 5: downstream capacity 4");
+        let ladder = Ladder::new(
+            Duration::from_millis(CAPACITY_BACKOFF_BASE_MS),
+            Duration::from_millis(CAPACITY_BACKOFF_MAX_MS),
+        );
+        let topology = Topology::new(prefix, &ladder);
+        let result = self.capacity_modes(prefix, &topology).await;
+        // Its own ladder: the common teardown knows only the other scenarios' levels.
+        if let Ok(ch) = self.amqp.create_channel().await {
+            let _ = topology.delete(&ch).await;
+            let _ = ch.close(200, "teardown".into()).await;
+        }
+        result
+    }
+
+    async fn capacity_modes(&self, prefix: &str, topology: &Topology) -> anyhow::Result<Vec<Row>> {
+        let channel = self.amqp.create_channel().await?;
+        topology.declare(&channel).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        let mut cpu = vec![];
+        let adaptive = self
+            .capacity_drain(prefix, topology, true, &mut cpu)
+            .await?;
+        let fixed = self
+            .capacity_drain(prefix, topology, false, &mut Vec::new())
+            .await?;
+        Ok(vec![Row::capacity(
+            "5 downstream capacity 4, adaptive vs fixed",
+            adaptive,
+            fixed,
+            80.0,
+            0.80,
+            0.10,
+            self.judged(),
+            Some(Resources::from_samples(&cpu, self.capacity_events)),
+        )])
+    }
+
+    /// One drain against the capacity-4 downstream; (delivered events/s, share of
+    /// attempts answered 503, share of the events delivered rather than dead-lettered).
+    async fn capacity_drain(
+        &self,
+        prefix: &str,
+        topology: &Topology,
+        adaptive: bool,
+        cpu: &mut Vec<(Usage, Usage)>,
+    ) -> anyhow::Result<(f64, f64, f64)> {
+        let n = self.capacity_events;
+        let mode = if adaptive { "adaptive" } else { "fixed" };
+        let tag = format!("{prefix}{mode}");
+        self.prefill_n(topology, &tag, n).await?;
+        let mock = Mock::with_capacity(4, Duration::from_millis(50), &tag, n).await?;
+        let relay = self
+            .start_relay(
+                "worker",
+                prefix,
+                &[
+                    ("DOWNSTREAM_URL", mock.url()),
+                    ("ADAPTIVE_CONCURRENCY", adaptive.to_string()),
+                    ("BACKOFF_BASE_MS", CAPACITY_BACKOFF_BASE_MS.to_string()),
+                    ("BACKOFF_MAX_MS", CAPACITY_BACKOFF_MAX_MS.to_string()),
+                ],
+            )
+            .await?;
+        let channel = self.amqp.create_channel().await?;
+        let deadline = Instant::now() + self.deadline();
+        let dead = loop {
+            let dead = amqp::ready_count(&channel, &topology.dlq).await? as usize;
+            if mock.tally().total() as usize + dead >= n {
+                break dead;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{mode}: {} delivered and {dead} dead-lettered of {n} within {:?}:\n{}",
+                    mock.tally().total(),
+                    self.deadline(),
+                    relay.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let limit = self.gauge(&relay, "webhook_relay_concurrency_limit").await;
+        cpu.push((Usage::default(), relay.sample()?));
+        relay.stop(Duration::from_secs(15)).await?;
+        let delivered = mock.tally().total() as usize;
+        let m = mock.tally().mismatch();
+        ensure!(
+            m.duplicates == 0 && m.foreign == 0 && delivered + dead == n,
+            "{mode}: {delivered} delivered + {dead} dead-lettered of {n} ({m})"
+        );
+        // Every event delivered once or in the DLQ, nothing left anywhere else.
+        for q in topology.queues() {
+            let want = if q.name == topology.dlq {
+                dead as u32
+            } else {
+                0
+            };
+            let held = amqp::settled_count(&channel, &q.name, want, SETTLE).await?;
+            ensure!(
+                held == want,
+                "{mode}: {} holds {held}, expected {want}",
+                q.name
+            );
+        }
+        // The next mode starts from an empty DLQ.
+        channel
+            .queue_purge(
+                topology.dlq.as_str().into(),
+                lapin::options::QueuePurgeOptions { nowait: false },
+            )
+            .await?;
+        let _ = channel.close(200, "counted".into()).await;
+        let span = mock.active_span().unwrap_or_default();
+        let rate = delivered as f64 / span.as_secs_f64().max(1e-9);
+        let (answered, refused) = mock.answered();
+        let share = refused as f64 / answered.max(1) as f64;
+        eprintln!(
+            "  {mode}: {rate:.1} delivered/s, {:.1}% of {answered} attempts 503, {dead} dead-lettered, \
+             concurrency limit at the end {limit}",
+            share * 100.0
+        );
+        Ok((rate, share, delivered as f64 / n as f64))
+    }
+
+    /// A gauge's value from a relay's `/metrics` (`?` when absent).
+    async fn gauge(&self, relay: &RelayProcess, name: &str) -> String {
+        let text = match self.http.get(relay.url("/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
+            .unwrap_or_else(|| "?".into())
     }
 
     /// Checks every queue of `prefix`'s topology holds what `expected` says (by name),

@@ -106,10 +106,54 @@ impl Row {
         }
     }
 
+    /// The downstream-capacity row: delivered events/s, the share of attempts refused
+    /// with 503 and the share of events delivered (the rest exhausted their attempts),
+    /// adaptive concurrency against a fixed one in the same run; met
+    /// when adaptive delivers at least `min_share` of the downstream's `capacity_rate`
+    /// with fewer than `max_refused` of its attempts refused.
+    #[allow(clippy::too_many_arguments)]
+    pub fn capacity(
+        scenario: &str,
+        adaptive: (f64, f64, f64),
+        fixed: (f64, f64, f64),
+        capacity_rate: f64,
+        min_share: f64,
+        max_refused: f64,
+        judged: bool,
+        res: Option<Resources>,
+    ) -> Self {
+        Self {
+            scenario: scenario.to_owned(),
+            relay: format!(
+                "{:.0}/s, {:.1}% 503, {:.0}% delivered",
+                adaptive.0,
+                adaptive.1 * 100.0,
+                adaptive.2 * 100.0
+            ),
+            baseline: format!(
+                "{:.0}/s, {:.1}% 503, {:.0}% delivered, fixed",
+                fixed.0,
+                fixed.1 * 100.0,
+                fixed.2 * 100.0
+            ),
+            ratio: format!("{:.2}", adaptive.0 / fixed.0.max(1e-9)),
+            target: format!(
+                ">= {:.0}/s, < {:.0}% 503",
+                capacity_rate * min_share,
+                max_refused * 100.0
+            ),
+            met: judged
+                .then_some(adaptive.0 >= capacity_rate * min_share && adaptive.1 < max_refused),
+            rss_mb: res.map(|r| r.rss_mb),
+            cpu_per_10k: res.map(|r| r.cpu_per_10k),
+            broker_cpu: String::new(),
+        }
+    }
+
     /// The memory row: the worst peak RSS of every scenario against the limit.
     pub fn peak_rss(worst_mb: f64, judged: bool) -> Self {
         Self {
-            scenario: "5 peak RSS, worst scenario".to_owned(),
+            scenario: "6 peak RSS, worst scenario".to_owned(),
             relay: format!("{worst_mb:.1} MB"),
             baseline: format!("{RSS_LIMIT_MB} MB limit"),
             ratio: format!("{:.2}", worst_mb / RSS_LIMIT_MB),
@@ -235,6 +279,28 @@ mod tests {
         let l = Row::latency("s", (1.0, 5.1), (0.5, 3.0), 2.0, true);
         assert_eq!(l.met, Some(false));
         assert_eq!(Row::peak_rss(63.9, true).met, Some(true));
+        let c = Row::capacity(
+            "c",
+            (70.0, 0.05, 1.0),
+            (60.0, 0.9, 0.1),
+            80.0,
+            0.8,
+            0.1,
+            true,
+            None,
+        );
+        assert_eq!(c.met, Some(true));
+        let c = Row::capacity(
+            "c",
+            (70.0, 0.12, 1.0),
+            (60.0, 0.9, 0.1),
+            80.0,
+            0.8,
+            0.1,
+            true,
+            None,
+        );
+        assert_eq!(c.met, Some(false));
         assert_eq!(Row::peak_rss(64.0, true).met, Some(false));
     }
 

@@ -26,6 +26,9 @@ pub enum Reply {
     Hang,
     /// Wait, then answer this status.
     SlowStatus(Duration, u16),
+    /// A downstream that serves this many requests at a time, each taking the given
+    /// time, and answers 503 at once to any request past that.
+    Capacity(usize, Duration),
 }
 
 /// A per-request rule, consulted before the script: `Some(reply)` decides.
@@ -68,10 +71,24 @@ pub struct Downstream {
 impl Downstream {
     /// Starts a downstream answering `default` to everything (after `script`, if set).
     pub async fn start(default: Reply) -> Self {
+        Self::start_at("127.0.0.1:0".parse().unwrap(), default).await
+    }
+
+    /// A loopback address nothing listens on: connections to it are refused until a
+    /// downstream is started there with [`Downstream::start_at`].
+    pub fn refusing_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// Starts a downstream on `addr` (e.g. one that refused connections until now).
+    pub async fn start_at(addr: SocketAddr, default: Reply) -> Self {
         let shared = Arc::new(Shared::default());
         *shared.default.lock().unwrap() = Some(default);
         let app = Router::new().fallback(handle).with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { addr, shared }
@@ -144,6 +161,8 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
         Reply::Slow(_) => 200,
         Reply::Hang => 0,
         Reply::SlowStatus(_, c) => *c,
+        Reply::Capacity(limit, _) if now > *limit => 503,
+        Reply::Capacity(..) => 200,
     };
     s.received.lock().unwrap().push(Received {
         at: Instant::now(),
@@ -167,6 +186,11 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
         Reply::SlowStatus(d, code) => {
             tokio::time::sleep(d).await;
             StatusCode::from_u16(code).unwrap().into_response()
+        }
+        Reply::Capacity(limit, _) if now > limit => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Reply::Capacity(_, d) => {
+            tokio::time::sleep(d).await;
+            StatusCode::OK.into_response()
         }
     };
     s.in_flight.fetch_sub(1, Ordering::SeqCst);

@@ -47,6 +47,11 @@ pub fn many(prefix: &str, n: usize) -> Vec<Envelope> {
 
 /// Publishes `events` to the DLQ of `topology`, in order, each confirmed.
 pub async fn seed_dlq(topology: &Topology, events: &[Envelope]) {
+    seed_queue(&topology.dlq, events).await
+}
+
+/// Publishes `events` to `queue` (through the default exchange), in order, each confirmed.
+pub async fn seed_queue(queue: &str, events: &[Envelope]) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("seeding connects");
@@ -60,7 +65,7 @@ pub async fn seed_dlq(topology: &Topology, events: &[Envelope]) {
             confirms.push(
                 ch.basic_publish(
                     "".into(),
-                    topology.dlq.as_str().into(),
+                    queue.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         immediate: false,
