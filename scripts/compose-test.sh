@@ -48,7 +48,11 @@ export DOCKER_BUILDKIT=1 COMPOSE_DOCKER_CLI_BUILD=1
 client_builds() {
   local v
   "$1" buildx version >/dev/null 2>&1 && return 0
-  v=$("$1" version -f '{{.Client.Version}}' 2>/dev/null) || return 1
+  # The client prints its own version even when no engine answers yet (it exits
+  # non-zero then): the engine may be started only below, with the stand-ins.
+  v=$("$1" version -f '{{.Client.Version}}' 2>/dev/null || true)
+  v=${v%%$'\n'*}
+  [[ "$v" =~ ^[0-9]+ ]] || return 1
   (( ${v%%.*} < 23 ))
 }
 if ! client_builds docker; then
