@@ -12,25 +12,23 @@ use crate::common::downstream::{Downstream, Reply};
 use crate::support::{Relay, delete_topology, queue_first_env, serial, shared_amqp, topology};
 use crate::{prefix, wait_until};
 
-/// Peak resident memory of process `pid` in MiB (VmHWM).
-fn peak_rss_mib(pid: u32) -> f64 {
+/// A memory figure of process `pid` in MiB: `VmHWM` (peak resident) or `VmRSS` (now).
+fn memory_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+fn peak_rss_mib(pid: u32) -> f64 {
+    memory_mib(pid, "VmHWM:")
+}
+
 fn current_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    memory_mib(pid, "VmRSS:")
 }
 
 struct Burst {

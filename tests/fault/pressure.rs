@@ -62,24 +62,35 @@ fn warnings(logs: &str) -> Vec<&str> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disk_alarm_queue_first_answers_503_at_once_and_stores_nothing() {
-    let _serial = serial().await;
-    let node = Node::start();
-    let p = prefix("alarm-qf");
+/// A queue-first receiver on `node` with `PUBLISH_TIMEOUT_MS=publish_timeout_ms`,
+/// ready and shown to store one event; its client and receive URL.
+async fn queue_first_receiver(
+    node: &Node,
+    name: &str,
+    publish_timeout_ms: &str,
+) -> (Relay, reqwest::Client, String, String) {
+    let p = prefix(name);
     let mut relay = Relay::spawn(
         "receiver",
         &queue_first_env(
             &node.amqp_url(),
             "http://127.0.0.1:9/unused",
             &p,
-            &[("PUBLISH_TIMEOUT_MS", "5000")],
+            &[("PUBLISH_TIMEOUT_MS", publish_timeout_ms)],
         ),
     );
     let http = reqwest::Client::new();
     relay.wait_ready(&http).await;
     let url = relay.url("/webhook/receive");
-    assert_eq!(post(&http, &url, "before-alarm").await.0, 202);
+    assert_eq!(post(&http, &url, &format!("{name}-before")).await.0, 202);
+    (relay, http, url, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_alarm_queue_first_answers_503_at_once_and_stores_nothing() {
+    let _serial = serial().await;
+    let node = Node::start();
+    let (relay, http, url, p) = queue_first_receiver(&node, "alarm-qf", "5000").await;
 
     node.raise_disk_alarm();
     let mut answers = Vec::new();
@@ -368,20 +379,7 @@ async fn a_connection_flap_leaves_one_copy_of_each_event() {
 async fn a_half_open_broker_is_left_after_three_publish_timeouts() {
     let _serial = serial().await;
     let node = Node::start();
-    let p = prefix("halfopen");
-    let mut relay = Relay::spawn(
-        "receiver",
-        &queue_first_env(
-            &node.amqp_url(),
-            "http://127.0.0.1:9/unused",
-            &p,
-            &[("PUBLISH_TIMEOUT_MS", "500")],
-        ),
-    );
-    let http = reqwest::Client::new();
-    relay.wait_ready(&http).await;
-    let url = relay.url("/webhook/receive");
-    assert_eq!(post(&http, &url, "before").await.0, 202);
+    let (relay, http, url, _) = queue_first_receiver(&node, "halfopen", "500").await;
 
     let frozen = node.freeze();
     let started = Instant::now();
