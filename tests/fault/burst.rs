@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 
 use crate::common::downstream::{Downstream, Reply};
-use crate::support::{Relay, delete_topology, queue_first_env, serial, shared_amqp, topology};
+use crate::support::{Relay, queue_first_env, serial, shared_amqp, topology};
 use crate::{prefix, wait_until};
 
 /// A memory figure of process `pid` in MiB: `VmHWM` (peak resident) or `VmRSS` (now).
@@ -29,6 +29,16 @@ fn peak_rss_mib(pid: u32) -> f64 {
 
 fn current_rss_mib(pid: u32) -> f64 {
     memory_mib(pid, "VmRSS:")
+}
+
+/// Deletes a test's topology on the shared broker when dropped, also when the test
+/// fails halfway.
+struct DeleteOnDrop(webhook_relay::broker::Topology);
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        crate::common::delete_topology_blocking(self.0.clone());
+    }
 }
 
 struct Burst {
@@ -102,6 +112,7 @@ async fn a_burst_of_large_events_keeps_memory_bounded_and_loses_nothing() {
         let p = prefix(&format!("burst-{scenario}"));
         let mut env = queue_first_env(&amqp, &down.url(), &p, &[("WORKER_CONCURRENCY", "64")]);
         env.retain(|(k, _)| k != "INLINE_DELIVERY"); // the default: inline attempts
+        let _cleanup = DeleteOnDrop(topology(&p, 20, 200));
         let mut relay = Relay::spawn("serve", &env);
         let http = reqwest::Client::new();
         relay.wait_ready(&http).await;
@@ -147,7 +158,6 @@ async fn a_burst_of_large_events_keeps_memory_bounded_and_loses_nothing() {
             "peak RSS {peak:.0} MiB: the intake is not bounded"
         );
         assert_eq!(relay.terminate(Duration::from_secs(15)).await, Some(0));
-        delete_topology(&amqp, &topology(&p, 20, 200)).await;
     }
 }
 
@@ -157,6 +167,7 @@ async fn a_flood_of_idle_connections_leaves_the_relay_answering() {
     let amqp = shared_amqp();
     let down = Downstream::start(Reply::Status(200)).await;
     let p = prefix("flood");
+    let _cleanup = DeleteOnDrop(topology(&p, 20, 200));
     let mut relay = Relay::spawn(
         "receiver",
         &queue_first_env(&amqp, &down.url(), &p, &[("REQUEST_TIMEOUT_MS", "3000")]),
@@ -216,5 +227,4 @@ async fn a_flood_of_idle_connections_leaves_the_relay_answering() {
     assert_eq!(answered.map(|a| a.0), Some(202), "a real event is answered");
     assert!(peak <= 160.0, "peak RSS {peak:.0} MiB");
     assert_eq!(relay.terminate(Duration::from_secs(15)).await, Some(0));
-    delete_topology(&amqp, &topology(&p, 20, 200)).await;
 }
