@@ -531,7 +531,7 @@ impl Bench {
                 through.rate(),
                 direct.rate(),
                 "direct",
-                0.30,
+                0.40,
                 self.judged(),
                 Some(res),
             ),
@@ -662,7 +662,7 @@ impl Bench {
                 through.rate(),
                 median(&raw),
                 "raw publisher",
-                0.70,
+                0.80,
                 self.judged(),
                 Some(Resources::from_samples(&cpu, total)),
             )
@@ -731,7 +731,7 @@ impl Bench {
                 one,
                 median(&raw),
                 "raw consumer",
-                0.60,
+                0.80,
                 self.judged(),
                 Some(Resources::from_samples(&one_cpu, total)),
             )
