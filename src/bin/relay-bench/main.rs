@@ -1,10 +1,11 @@
 //! `relay-bench`: measures the relay against its physical limits in one run, on one
 //! machine: the relay (the built `webhook-relay` binary, as child processes) next to
 //! a load generator hitting the mock downstream directly and a raw lapin publisher
-//! and consumer on quorum queues. Prints one table; every scenario first proves that
-//! each event was delivered or queued exactly as expected.
+//! and consumer on quorum queues. Prints one table and writes it as a chart; every
+//! scenario first proves that each event was delivered or queued exactly as expected.
 
 mod amqp;
+mod chart;
 mod load;
 mod mock;
 mod process;
@@ -47,7 +48,7 @@ const CAPACITY_BACKOFF_MAX_MS: u64 = 800;
 const SETTLE: Duration = Duration::from_secs(10);
 
 /// Measures webhook-relay against the direct path, a raw lapin publisher and a raw
-/// lapin consumer in the same run, and prints one table.
+/// lapin consumer in the same run, prints one table and writes it as an SVG chart.
 #[derive(Debug, Parser)]
 #[command(name = "relay-bench", about)]
 struct Args {
@@ -98,6 +99,10 @@ struct Args {
     /// Run only these scenarios, e.g. `--only 2,3`.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=5))]
     only: Vec<u8>,
+    /// Where to write the chart of the table's rates (SVG), directories created
+    /// [default: target/relay-bench/chart.svg; smoke: target/relay-bench/chart-smoke.svg].
+    #[arg(long, value_name = "PATH")]
+    chart: Option<PathBuf>,
 }
 
 /// How the downstream of scenario 2 fails every attempt.
@@ -163,7 +168,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let _ = bench.amqp.close(200, "bench done".into()).await;
 
-    println!("\n{}\n{settings}\n", machine());
+    let machine = machine();
+    println!("\n{machine}\n{settings}\n");
     print!("{}", report::render(&rows));
     println!(
         "\nevery event delivered or queued exactly as expected: {}; total time {:.0} s",
@@ -174,7 +180,27 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         },
         started.elapsed().as_secs_f64()
     );
+    let caption = if bench.args.smoke {
+        format!("{machine}; smoke run: correctness only, targets not judged")
+    } else {
+        machine
+    };
+    write_chart(&bench.chart_path(), &rows, &caption)?;
     Ok(failures.is_empty())
+}
+
+/// Writes the chart of `rows` to `path`, and says where (or why not).
+fn write_chart(path: &std::path::Path, rows: &[Row], caption: &str) -> anyhow::Result<()> {
+    let Some(svg) = chart::render(rows, caption)? else {
+        println!("chart: no row with a relay and a baseline rate, none written");
+        return Ok(());
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    println!("chart: {}", path.display());
+    Ok(())
 }
 
 /// The relay binary: the one given, else `webhook-relay` beside this binary. Run
@@ -352,6 +378,18 @@ impl Bench {
 
     fn judged(&self) -> bool {
         !self.args.smoke
+    }
+
+    /// Where the chart goes: as asked, else beside the build, a smoke run's apart so
+    /// it never replaces a full run's.
+    fn chart_path(&self) -> PathBuf {
+        self.args.chart.clone().unwrap_or_else(|| {
+            PathBuf::from(if self.args.smoke {
+                "target/relay-bench/chart-smoke.svg"
+            } else {
+                "target/relay-bench/chart.svg"
+            })
+        })
     }
 
     /// How long one load or drain may take before the run counts as failed.

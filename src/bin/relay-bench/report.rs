@@ -28,6 +28,9 @@ pub struct Row {
     /// Broker CPU seconds per 10,000 events while the relay ran, and while the
     /// baseline did, formatted (empty when not measured).
     pub broker_cpu: String,
+    /// The relay's and the baseline's events/s, for the chart; `None` where the row
+    /// compares something else (latency, memory).
+    pub rates: Option<(f64, f64)>,
 }
 
 /// Resource figures of one scenario: worst peak RSS, summed CPU, per events handled.
@@ -73,6 +76,7 @@ impl Row {
             rss_mb: res.map(|r| r.rss_mb),
             cpu_per_10k: res.map(|r| r.cpu_per_10k),
             broker_cpu: String::new(),
+            rates: Some((relay, baseline)),
         }
     }
 
@@ -103,6 +107,7 @@ impl Row {
             rss_mb: None,
             cpu_per_10k: None,
             broker_cpu: String::new(),
+            rates: None,
         }
     }
 
@@ -147,6 +152,7 @@ impl Row {
             rss_mb: res.map(|r| r.rss_mb),
             cpu_per_10k: res.map(|r| r.cpu_per_10k),
             broker_cpu: String::new(),
+            rates: Some((adaptive.0, fixed.0)),
         }
     }
 
@@ -162,6 +168,7 @@ impl Row {
             rss_mb: None,
             cpu_per_10k: None,
             broker_cpu: String::new(),
+            rates: None,
         }
     }
 }
