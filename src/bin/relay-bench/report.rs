@@ -159,7 +159,7 @@ impl Row {
     /// The memory row: the worst peak RSS of every scenario against the limit.
     pub fn peak_rss(worst_mb: f64, judged: bool) -> Self {
         Self {
-            scenario: "6 peak RSS, worst scenario".to_owned(),
+            scenario: "7 peak RSS, worst scenario".to_owned(),
             relay: format!("{worst_mb:.1} MB"),
             baseline: format!("{RSS_LIMIT_MB} MB limit"),
             ratio: format!("{:.2}", worst_mb / RSS_LIMIT_MB),
