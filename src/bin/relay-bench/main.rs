@@ -1,10 +1,11 @@
 //! `relay-bench`: measures the relay against its physical limits in one run, on one
 //! machine: the relay (the built `webhook-relay` binary, as child processes) next to
 //! a load generator hitting the mock downstream directly and a raw lapin publisher
-//! and consumer on quorum queues. Prints one table; every scenario first proves that
-//! each event was delivered or queued exactly as expected.
+//! and consumer on quorum queues. Prints one table and writes it as a chart; every
+//! scenario first proves that each event was delivered or queued exactly as expected.
 
 mod amqp;
+mod chart;
 mod load;
 mod mock;
 mod process;
@@ -46,8 +47,14 @@ const CAPACITY_BACKOFF_MAX_MS: u64 = 800;
 /// How long a queue's count may take to show what its confirms and acks already said.
 const SETTLE: Duration = Duration::from_secs(10);
 
+/// The relay's intake endpoint.
+const RECEIVE: &str = "/webhook/receive";
+
+/// The scenarios, in the order they run; `--only` picks among them.
+const SCENARIOS: std::ops::RangeInclusive<u8> = 1..=6;
+
 /// Measures webhook-relay against the direct path, a raw lapin publisher and a raw
-/// lapin consumer in the same run, and prints one table.
+/// lapin consumer in the same run, prints one table and writes it as an SVG chart.
 #[derive(Debug, Parser)]
 #[command(name = "relay-bench", about)]
 struct Args {
@@ -95,9 +102,20 @@ struct Args {
     /// mode [default: 2000; smoke: 300].
     #[arg(long)]
     capacity_events: Option<usize>,
+    /// Events per round of the large-events scenario (6): fewer than the other HTTP
+    /// scenarios, as each is `--large-size` bytes [default: 4000; smoke: 100].
+    #[arg(long)]
+    large_events: Option<usize>,
+    /// Request body size of the large-events scenario (6), bytes.
+    #[arg(long, default_value_t = 65_536)]
+    large_size: usize,
     /// Run only these scenarios, e.g. `--only 2,3`.
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=5))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=6))]
     only: Vec<u8>,
+    /// Where to write the chart of the table's rates (SVG), directories created
+    /// [default: target/relay-bench/chart.svg; smoke: target/relay-bench/chart-smoke.svg].
+    #[arg(long, value_name = "PATH")]
+    chart: Option<PathBuf>,
 }
 
 /// How the downstream of scenario 2 fails every attempt.
@@ -132,7 +150,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut rows = Vec::new();
     let mut worst_rss: f64 = 0.0;
     let mut failures = Vec::new();
-    for scenario in 1..=5u8 {
+    for scenario in SCENARIOS {
         if !bench.args.only.is_empty() && !bench.args.only.contains(&scenario) {
             continue;
         }
@@ -142,7 +160,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             2 => bench.inline_refusing(&prefix).await,
             3 => bench.queue_first(&prefix).await,
             4 => bench.drain(&prefix).await,
-            _ => bench.capacity(&prefix).await,
+            5 => bench.capacity(&prefix).await,
+            _ => bench.large_events(&prefix).await,
         };
         bench.teardown(&prefix).await;
         match result {
@@ -163,7 +182,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let _ = bench.amqp.close(200, "bench done".into()).await;
 
-    println!("\n{}\n{settings}\n", machine());
+    let machine = machine();
+    println!("\n{machine}\n{settings}\n");
     print!("{}", report::render(&rows));
     println!(
         "\nevery event delivered or queued exactly as expected: {}; total time {:.0} s",
@@ -174,7 +194,27 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         },
         started.elapsed().as_secs_f64()
     );
+    let caption = if bench.args.smoke {
+        format!("{machine}; smoke run: correctness only, targets not judged")
+    } else {
+        machine
+    };
+    write_chart(&bench.chart_path(), &rows, &caption)?;
     Ok(failures.is_empty())
+}
+
+/// Writes the chart of `rows` to `path`, and says where (or why not).
+fn write_chart(path: &std::path::Path, rows: &[Row], caption: &str) -> anyhow::Result<()> {
+    let Some(svg) = chart::render(rows, caption)? else {
+        println!("chart: no row with a relay and a baseline rate, none written");
+        return Ok(());
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    println!("chart: {}", path.display());
+    Ok(())
 }
 
 /// The relay binary: the one given, else `webhook-relay` beside this binary. Run
@@ -255,6 +295,15 @@ impl Rounds {
     }
 }
 
+/// What one round of an HTTP scenario sends.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    /// Events per round.
+    events: usize,
+    /// Request body size in bytes.
+    size: usize,
+}
+
 /// Shared state of a run.
 struct Bench {
     /// The command line.
@@ -269,6 +318,8 @@ struct Bench {
     paced_events: usize,
     /// Events per mode of the downstream-capacity scenario.
     capacity_events: usize,
+    /// Events per round of the large-events scenario, and their size.
+    large: Batch,
     /// The relay binary under test.
     relay_bin: PathBuf,
     /// This run's tag: queue prefixes and event ids carry it.
@@ -292,10 +343,10 @@ impl Bench {
             "--connections must be between 1 and 65535 (it is also the prefetch)"
         );
         let amqp = amqp::connect(&args.amqp_url).await?;
-        let (events, drain_events, rounds, paced, capacity) = if args.smoke {
-            (300, 1_000, 1, 200, 300)
+        let (events, drain_events, rounds, paced, capacity, large) = if args.smoke {
+            (300, 1_000, 1, 200, 300, 100)
         } else {
-            (20_000, 50_000, 3, 5_000, 2_000)
+            (20_000, 50_000, 3, 5_000, 2_000, 4_000)
         };
         Ok(Self {
             events: args.events.unwrap_or(events).max(1),
@@ -303,6 +354,10 @@ impl Bench {
             rounds: args.rounds.unwrap_or(rounds).max(1),
             paced_events: args.paced_events.unwrap_or(paced).max(1),
             capacity_events: args.capacity_events.unwrap_or(capacity).max(1),
+            large: Batch {
+                events: args.large_events.unwrap_or(large).max(1),
+                size: args.large_size,
+            },
             run: format!("{}-{}", std::process::id(), envelope::now_ms() % 100_000),
             args,
             relay_bin,
@@ -316,7 +371,7 @@ impl Bench {
         format!(
             "{} events per HTTP scenario and round, {} per drain, {} paced at {}/s, {} round(s), \
              medians shown; {} B bodies; {} connections = in-flight window = prefetch; \
-             scenario 2 downstream: {}{}",
+             scenario 2 downstream: {}; scenario 6: {} events per round of {} B{}",
             self.events,
             self.drain_events,
             self.paced_events,
@@ -328,6 +383,8 @@ impl Bench {
                 Refusal::Connect => "connection refused",
                 Refusal::Status503 => "HTTP 503",
             },
+            self.large.events,
+            self.large.size,
             if self.args.smoke {
                 "; smoke run: correctness only, targets not judged"
             } else {
@@ -352,6 +409,26 @@ impl Bench {
 
     fn judged(&self) -> bool {
         !self.args.smoke
+    }
+
+    /// Where the chart goes: as asked, else beside the build, a smoke run's apart so
+    /// it never replaces a full run's.
+    fn chart_path(&self) -> PathBuf {
+        self.args.chart.clone().unwrap_or_else(|| {
+            PathBuf::from(if self.args.smoke {
+                "target/relay-bench/chart-smoke.svg"
+            } else {
+                "target/relay-bench/chart.svg"
+            })
+        })
+    }
+
+    /// Events per round and body size of the HTTP scenarios 1-3.
+    fn batch(&self) -> Batch {
+        Batch {
+            events: self.events,
+            size: self.args.size,
+        }
     }
 
     /// How long one load or drain may take before the run counts as failed.
@@ -387,14 +464,22 @@ impl Bench {
         Ok(relay)
     }
 
-    /// Round `round`'s load on `url`: events `round * events ..` of `tag`.
-    fn load(&self, url: String, tag: &str, round: usize, id_header: bool, expect: Expect) -> Load {
+    /// Round `round`'s load of `batch` on `url`: events `round * batch.events ..` of `tag`.
+    fn load(
+        &self,
+        batch: Batch,
+        url: String,
+        tag: &str,
+        round: usize,
+        id_header: bool,
+        expect: Expect,
+    ) -> Load {
         Load {
             url,
-            first: round * self.events,
-            count: self.events,
+            first: round * batch.events,
+            count: batch.events,
             connections: self.args.connections,
-            size: self.args.size,
+            size: batch.size,
             tag: tag.to_owned(),
             id_header,
             expect,
@@ -410,29 +495,28 @@ impl Bench {
             first: self.rounds * self.events + round * self.paced_events,
             count: self.paced_events,
             pace: Some(self.args.paced_rate),
-            ..self.load(url, tag, round, id_header, expect)
+            ..self.load(self.batch(), url, tag, round, id_header, expect)
         }
     }
 
-    /// One measured round of the relay receiving: load on its receive endpoint, with its
-    /// CPU and the machine's watched.
+    /// One measured round of the relay receiving `load` (aimed at its receive endpoint),
+    /// with its CPU and the machine's watched.
     async fn relay_round(
         &self,
         relay: &RelayProcess,
         key: &str,
-        tag: &str,
         round: usize,
-        expect: Expect,
+        load: Load,
         cpu: &mut Vec<(Usage, Usage)>,
     ) -> anyhow::Result<Sent> {
+        let n = load.count;
         let before = relay.sample()?;
         let watch = CpuWatch::start();
-        let sent =
-            load::run(self.load(relay.url("/webhook/receive"), tag, round, false, expect)).await;
-        let seen = watch.finish(self.events);
+        let sent = load::run(load).await;
+        let seen = watch.finish(n);
         self.note_broker(key, &seen);
         cpu.push((before, relay.sample()?));
-        check_sent("relay", &sent, self.events)?;
+        check_sent("relay", &sent, n)?;
         eprintln!(
             "  round {round} relay:    {}/s, p50 {:.2} ms, p99 {:.2} ms; {seen}",
             report::thousands(sent.rate()),
@@ -473,7 +557,15 @@ impl Bench {
         let (mut direct_paced, mut through_paced) = (Rounds::default(), Rounds::default());
         for round in 0..self.rounds {
             let watch = CpuWatch::start();
-            let sent = load::run(self.load(direct_mock.url(), &tag_d, round, true, to_mock)).await;
+            let direct_load = self.load(
+                self.batch(),
+                direct_mock.url(),
+                &tag_d,
+                round,
+                true,
+                to_mock,
+            );
+            let sent = load::run(direct_load).await;
             let seen = watch.finish(n);
             check_sent("direct", &sent, n)?;
             eprintln!(
@@ -483,9 +575,17 @@ impl Bench {
                 sent.latency_ms(0.99)
             );
             direct.push(&sent);
+            let load = self.load(
+                self.batch(),
+                relay.url(RECEIVE),
+                &tag,
+                round,
+                false,
+                delivered,
+            );
             through.push(
                 &self
-                    .relay_round(&relay, "1 relay", &tag, round, delivered, &mut cpu)
+                    .relay_round(&relay, "1 relay", round, load, &mut cpu)
                     .await?,
             );
             for (what, url, tag, id_header, expect, into) in [
@@ -499,7 +599,7 @@ impl Bench {
                 ),
                 (
                     "relay",
-                    relay.url("/webhook/receive"),
+                    relay.url(RECEIVE),
                     &tag,
                     false,
                     delivered,
@@ -531,7 +631,7 @@ impl Bench {
                 through.rate(),
                 direct.rate(),
                 "direct",
-                0.30,
+                0.40,
                 self.judged(),
                 Some(res),
             ),
@@ -585,14 +685,18 @@ impl Bench {
             .await?;
         let (mut raw, mut through, mut cpu) = (vec![], Rounds::default(), vec![]);
         for round in 0..self.rounds {
-            raw.push(self.raw_publisher("2 raw", prefix, round).await?);
+            raw.push(
+                self.raw_publisher("2 raw", prefix, round, self.batch())
+                    .await?,
+            );
             let expect = Expect {
                 status: 202,
                 word: Some("queued_for_retry"),
             };
+            let load = self.load(self.batch(), relay.url(RECEIVE), &tag, round, false, expect);
             through.push(
                 &self
-                    .relay_round(&relay, "2 relay", &tag, round, expect, &mut cpu)
+                    .relay_round(&relay, "2 relay", round, load, &mut cpu)
                     .await?,
             );
         }
@@ -604,7 +708,7 @@ impl Bench {
         self.expect_counts(prefix, &[(level1.as_str(), total)])
             .await?;
         let refusal = self.args.refuse_with;
-        self.verify_queued(&tag, &level1, move |p| {
+        self.verify_queued(&tag, &level1, total, move |p| {
             amqp::header_u64(p, envelope::H_ATTEMPTS) == Some(1)
                 && match refusal {
                     Refusal::Connect => amqp::header_text(p, envelope::H_LAST_ERROR)
@@ -630,21 +734,42 @@ impl Bench {
     /// Scenario 3: queue-first intake (`INLINE_DELIVERY=false`) against the raw publisher.
     async fn queue_first(&self, prefix: &str) -> anyhow::Result<Vec<Row>> {
         eprintln!("scenario 3: queue-first ingest");
-        let total = self.events * self.rounds;
+        self.queue_first_of(prefix, 3, "3 queue-first ingest", self.batch())
+            .await
+    }
+
+    /// Scenario 6: queue-first intake of large bodies against the raw publisher sending
+    /// bodies of the same size; scenario 3 with fewer, larger events.
+    async fn large_events(&self, prefix: &str) -> anyhow::Result<Vec<Row>> {
+        let batch = self.large;
+        eprintln!("scenario 6: large events, {} B bodies", batch.size);
+        let name = format!("6 large events, {}, queue-first", size_label(batch.size));
+        self.queue_first_of(prefix, 6, &name, batch).await
+    }
+
+    /// Queue-first intake of `batch` per round, relay and raw publisher alternating;
+    /// then `P.work` must hold every event of every round exactly once, not yet
+    /// attempted. `number` keys the scenario's broker CPU figures.
+    async fn queue_first_of(
+        &self,
+        prefix: &str,
+        number: u8,
+        name: &str,
+        batch: Batch,
+    ) -> anyhow::Result<Vec<Row>> {
+        let total = batch.events * self.rounds;
         let tag = format!("{prefix}r");
+        let (key_relay, key_raw) = (format!("{number} relay"), format!("{number} raw"));
         let relay = self
             .start_relay("receiver", prefix, &[("INLINE_DELIVERY", "false".into())])
             .await?;
         let (mut raw, mut through, mut cpu) = (vec![], Rounds::default(), vec![]);
         for round in 0..self.rounds {
-            raw.push(self.raw_publisher("3 raw", prefix, round).await?);
-            let expect = Expect {
-                status: 202,
-                word: Some("queued"),
-            };
+            raw.push(self.raw_publisher(&key_raw, prefix, round, batch).await?);
+            let load = self.load(batch, relay.url(RECEIVE), &tag, round, false, QUEUED);
             through.push(
                 &self
-                    .relay_round(&relay, "3 relay", &tag, round, expect, &mut cpu)
+                    .relay_round(&relay, &key_relay, round, load, &mut cpu)
                     .await?,
             );
         }
@@ -652,32 +777,38 @@ impl Bench {
         let work = Self::topology(prefix).work;
         self.expect_counts(prefix, &[(work.as_str(), total)])
             .await?;
-        self.verify_queued(&tag, &work, |p| {
+        self.verify_queued(&tag, &work, total, |p| {
             amqp::header_u64(p, envelope::H_ATTEMPTS) == Some(0)
         })
         .await?;
         Ok(vec![
             Row::rate(
-                "3 queue-first ingest",
+                name,
                 through.rate(),
                 median(&raw),
                 "raw publisher",
-                0.70,
+                0.80,
                 self.judged(),
                 Some(Resources::from_samples(&cpu, total)),
             )
-            .with_broker_cpu(self.broker("3 relay"), self.broker("3 raw")),
+            .with_broker_cpu(self.broker(&key_relay), self.broker(&key_raw)),
         ])
     }
 
-    /// The raw lapin publisher: persistent, mandatory, confirmed publishes of the same
+    /// The raw lapin publisher: persistent, mandatory, confirmed publishes of `batch`'s
     /// bodies to a quorum queue with the load generator's in-flight window. Events/s.
-    async fn raw_publisher(&self, key: &str, prefix: &str, round: usize) -> anyhow::Result<f64> {
-        let n = self.events;
+    async fn raw_publisher(
+        &self,
+        key: &str,
+        prefix: &str,
+        round: usize,
+        batch: Batch,
+    ) -> anyhow::Result<f64> {
+        let n = batch.events;
         let queue = format!("{prefix}.bench-raw");
         let channel = self.amqp.create_channel().await?;
         amqp::declare_quorum(&channel, &queue).await?;
-        let (tag, size) = (format!("{prefix}p{round}"), self.args.size);
+        let (tag, size) = (format!("{prefix}p{round}"), batch.size);
         let watch = CpuWatch::start();
         let elapsed =
             amqp::publish_confirmed(&self.amqp, "", &queue, n, self.args.connections, move |i| {
@@ -731,7 +862,7 @@ impl Bench {
                 one,
                 median(&raw),
                 "raw consumer",
-                0.60,
+                0.80,
                 self.judged(),
                 Some(Resources::from_samples(&one_cpu, total)),
             )
@@ -1043,15 +1174,20 @@ impl Bench {
         Ok(())
     }
 
-    /// Reads `queue` back: every event of `tag` (all rounds) exactly once, each one
-    /// passing `check`.
+    /// Reads `queue` back: events `0..total` of `tag` (all rounds) exactly once, each
+    /// one passing `check`.
+    ///
+    /// The queue is not checked for emptiness afterwards: a quorum queue may ignore
+    /// acks sent just before their channel closes and return those messages
+    /// (rabbitmq-server#10327; seen here reading back 64 KB events), which says
+    /// nothing about the relay.
     async fn verify_queued(
         &self,
         tag: &str,
         queue: &str,
+        total: usize,
         check: impl Fn(&BasicProperties) -> bool,
     ) -> anyhow::Result<()> {
-        let total = self.events * self.rounds;
         let tally = Tally::new(tag, total);
         let (_, refused) = amqp::consume_acking(
             &self.amqp,
@@ -1096,6 +1232,21 @@ impl Bench {
                 .await;
             let _ = ch.close(200, "teardown".into()).await;
         }
+    }
+}
+
+/// What the receiver answers an event it queued for the workers.
+const QUEUED: Expect = Expect {
+    status: 202,
+    word: Some("queued"),
+};
+
+/// `65536` as `64 KB`, other sizes in bytes.
+fn size_label(bytes: usize) -> String {
+    if bytes >= 1024 && bytes.is_multiple_of(1024) {
+        format!("{} KB", bytes / 1024)
+    } else {
+        format!("{bytes} B")
     }
 }
 
