@@ -18,8 +18,18 @@ pub const H_WEBHOOK: &str = "x-relay-webhook";
 pub const H_LAST_ERROR: &str = "x-relay-last-error";
 /// Header: the HTTP status of the last attempt, when the downstream answered.
 pub const H_LAST_STATUS: &str = "x-relay-last-status";
-/// Header: the request headers to forward, as an array of `[name, value]` pairs.
+/// Header: the request headers to forward, one `name: value` line each (lines
+/// separated by `\n`), in one long string: envelope version 2.
+pub const H_HEADERS: &str = "x-relay-headers";
+/// Header: the envelope's version; absent on version 1 messages.
+pub const H_VERSION: &str = "x-relay-version";
+/// Header (envelope version 1, read only): the request headers to forward, as an array
+/// of `[name, value]` pairs. A table of many small values costs the broker more to
+/// decode and store than one string, so version 2 writes [`H_HEADERS`] instead; queues
+/// hold messages across upgrades, so this form is still read.
 pub const H_FORWARD_HEADERS: &str = "x-relay-forward-headers";
+/// The envelope version this relay writes.
+pub const VERSION: u8 = 2;
 /// Header (DLQ only): why the event was dead-lettered.
 pub const H_REASON: &str = "x-relay-dead-letter-reason";
 /// Header (DLQ only): when it was dead-lettered (RFC 3339, UTC).
@@ -143,14 +153,13 @@ impl Envelope {
         if let Some(at) = self.dead_lettered_at_ms {
             h.insert(H_DEAD_LETTERED_AT.into(), long_string(rfc3339_ms(at)));
         }
-        let mut pairs = FieldArray::default();
-        for (name, value) in &self.headers {
-            let mut pair = FieldArray::default();
-            pair.push(long_string(name.as_bytes()));
-            pair.push(long_string(value.as_slice()));
-            pairs.push(AMQPValue::FieldArray(pair));
+        h.insert(H_VERSION.into(), AMQPValue::ShortShortUInt(VERSION));
+        if !self.headers.is_empty() {
+            h.insert(
+                H_HEADERS.into(),
+                AMQPValue::LongString(LongString::from(encode_headers(&self.headers))),
+            );
         }
-        h.insert(H_FORWARD_HEADERS.into(), AMQPValue::FieldArray(pairs));
 
         BasicProperties::default()
             // 2 = persistent: the event must survive a broker restart.
@@ -171,19 +180,9 @@ impl Envelope {
             .and_then(|s| parse_rfc3339_ms(&s))
             .or_else(|| properties.timestamp().map(|t| t * 1000))
             .unwrap_or_else(now_ms);
-        let headers = match h.get(H_FORWARD_HEADERS) {
-            Some(AMQPValue::FieldArray(pairs)) => pairs
-                .as_slice()
-                .iter()
-                .filter_map(|p| match p {
-                    AMQPValue::FieldArray(kv) => match kv.as_slice() {
-                        [k, v] => Some((amqp_bytes(k)?, amqp_bytes(v)?)),
-                        _ => None,
-                    },
-                    _ => None,
-                })
-                .filter_map(|(k, v)| Some((String::from_utf8(k).ok()?, v)))
-                .collect(),
+        let headers = match (h.get(H_HEADERS), h.get(H_FORWARD_HEADERS)) {
+            (Some(AMQPValue::LongString(block)), _) => decode_headers(block.as_bytes()),
+            (_, Some(AMQPValue::FieldArray(pairs))) => decode_v1_headers(pairs),
             _ => Vec::new(),
         };
         Self {
@@ -214,6 +213,52 @@ impl Envelope {
             body: Bytes::from(body),
         }
     }
+}
+
+/// The forwarded headers as HTTP/1 field lines, `name: value`, joined by `\n`. Names
+/// are tokens (no `:`) and values never hold CR or LF, so the form is unambiguous.
+fn encode_headers(headers: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let len = headers.iter().map(|(k, v)| k.len() + v.len() + 3).sum();
+    let mut out = Vec::with_capacity(len);
+    for (name, value) in headers {
+        if !out.is_empty() {
+            out.push(b'\n');
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+fn decode_headers(block: &[u8]) -> Vec<(String, Vec<u8>)> {
+    block
+        .split(|b| *b == b'\n')
+        .filter_map(|line| {
+            let colon = line.iter().position(|b| *b == b':')?;
+            let name = std::str::from_utf8(&line[..colon]).ok()?.trim();
+            let value = line[colon + 1..]
+                .strip_prefix(b" ")
+                .unwrap_or(&line[colon + 1..]);
+            (!name.is_empty()).then(|| (name.to_owned(), value.to_vec()))
+        })
+        .collect()
+}
+
+/// Version 1: an array of `[name, value]` arrays.
+fn decode_v1_headers(pairs: &FieldArray) -> Vec<(String, Vec<u8>)> {
+    pairs
+        .as_slice()
+        .iter()
+        .filter_map(|p| match p {
+            AMQPValue::FieldArray(kv) => match kv.as_slice() {
+                [k, v] => Some((amqp_bytes(k)?, amqp_bytes(v)?)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .filter_map(|(k, v)| Some((String::from_utf8(k).ok()?, v)))
+        .collect()
 }
 
 /// The reason of the broker's most recent dead-lettering: `x-last-death-reason`
@@ -297,6 +342,74 @@ mod tests {
         let back = Envelope::from_amqp(&props, e.body.to_vec());
         // RFC 3339 text keeps milliseconds, so the round trip is exact.
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn forwarded_headers_travel_in_one_string() {
+        let e = Envelope::received(
+            "ev-1".into(),
+            "conv".into(),
+            None,
+            vec![
+                ("x-a".into(), b"1".to_vec()),
+                ("x-colon".into(), b"a: b:c".to_vec()),
+                ("x-empty".into(), Vec::new()),
+                ("x-b".into(), vec![0xff, 0x20]),
+            ],
+            Bytes::new(),
+        );
+        let props = e.properties();
+        let h = props.headers().as_ref().unwrap().inner();
+        assert_eq!(h.get(H_VERSION), Some(&AMQPValue::ShortShortUInt(2)));
+        assert!(!h.contains_key(H_FORWARD_HEADERS));
+        match h.get(H_HEADERS) {
+            Some(AMQPValue::LongString(s)) => assert_eq!(
+                s.as_bytes(),
+                b"x-a: 1\nx-colon: a: b:c\nx-empty: \nx-b: \xff "
+            ),
+            other => panic!("not a long string: {other:?}"),
+        }
+        assert_eq!(Envelope::from_amqp(&props, vec![]).headers, e.headers);
+        // No forwarded headers: no field at all.
+        let bare = Envelope::received("ev-2".into(), "w".into(), None, vec![], Bytes::new());
+        let props = bare.properties();
+        assert!(!props.headers().as_ref().unwrap().contains_key(H_HEADERS));
+    }
+
+    #[test]
+    fn version_1_messages_are_still_read() {
+        // As the previous release wrote them: no version, headers as pairs.
+        let pair = |k: &str, v: &[u8]| {
+            let mut p = FieldArray::default();
+            p.push(long_string(k));
+            p.push(long_string(v));
+            AMQPValue::FieldArray(p)
+        };
+        let mut pairs = FieldArray::default();
+        pairs.push(pair("x-a", b"1"));
+        pairs.push(pair("accept", b"*/*"));
+        let mut h = FieldTable::default();
+        h.insert(H_ATTEMPTS.into(), AMQPValue::LongUInt(2));
+        h.insert(H_WEBHOOK.into(), long_string("orders"));
+        h.insert(H_FORWARD_HEADERS.into(), AMQPValue::FieldArray(pairs));
+        let props = BasicProperties::default()
+            .with_message_id("ev-old".into())
+            .with_headers(h);
+        let e = Envelope::from_amqp(&props, b"{}".to_vec());
+        assert_eq!(e.attempts, 2);
+        assert_eq!(e.webhook, "orders");
+        assert_eq!(
+            e.headers,
+            vec![
+                ("x-a".to_owned(), b"1".to_vec()),
+                ("accept".to_owned(), b"*/*".to_vec())
+            ]
+        );
+        // Republished (a retry, a replay), it is written as version 2.
+        let again = e.properties();
+        let h = again.headers().as_ref().unwrap();
+        assert!(h.contains_key(H_HEADERS) && !h.contains_key(H_FORWARD_HEADERS));
+        assert_eq!(Envelope::from_amqp(&again, vec![]).headers, e.headers);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod payload;
 pub mod protect;
 pub mod relay;
 pub mod retry;
+pub mod retry_log;
 pub mod telemetry;
 pub mod worker;
 

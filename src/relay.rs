@@ -133,13 +133,27 @@ impl Relay {
             Decision::Retry { level, delay } => {
                 self.broker.publish(Target::Retry(level), event).await?;
                 crate::metrics::retry_scheduled(level, delay);
-                tracing::info!(
-                    attempt,
-                    status,
-                    error,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "attempt failed; scheduled for retry"
-                );
+                // The first failure of a spell at info, the others at debug with a
+                // summary every few seconds: a downstream that is down must not cost a
+                // log line per event.
+                let retry_in_ms = delay.as_millis() as u64;
+                if crate::retry_log::note_failed(*status, error) {
+                    tracing::info!(
+                        attempt,
+                        status,
+                        error,
+                        retry_in_ms,
+                        "attempt failed; scheduled for retry"
+                    );
+                } else {
+                    tracing::debug!(
+                        attempt,
+                        status,
+                        error,
+                        retry_in_ms,
+                        "attempt failed; scheduled for retry"
+                    );
+                }
                 Ok(Settled::Retried { level, delay })
             }
             Decision::DeadLetter(reason) => {

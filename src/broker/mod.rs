@@ -44,7 +44,7 @@ pub const TIMEOUTS_BEFORE_BROKEN: u32 = 3;
 /// lapin copies a message into frames and queues them until the socket takes them; a
 /// burst of large events would otherwise hold every body twice (the request's copy
 /// and the queued frames) while the broker drains them.
-const PUBLISH_WRITE_BUDGET: usize = 16 * 1024 * 1024;
+const PUBLISH_WRITE_BUDGET: usize = 8 * 1024 * 1024;
 
 /// Longest a closing connection may take (shutdown, reconnect): a blocked or silent
 /// broker never answers `connection.close`.
@@ -514,9 +514,24 @@ impl Inner {
     }
 }
 
+/// Largest AMQP frame the relay asks for, unless the URL sets `frame_max`. lapin keeps
+/// 32 frames' room for sending and 32 for receiving per connection, touched at once:
+/// 16 MiB for two connections at the broker's default of 128 KiB, 4 MiB at 32 KiB. A
+/// 250 KB event then travels in eight body frames instead of two, at no measurable cost.
+pub const FRAME_MAX: u32 = 32 * 1024;
+
+/// `amqp_url` with [`FRAME_MAX`] asked for, unless the URL sets its own `frame_max`.
+pub fn with_frame_max(amqp_url: &str) -> String {
+    if amqp_url.contains("frame_max=") {
+        return amqp_url.to_owned();
+    }
+    let joint = if amqp_url.contains('?') { '&' } else { '?' };
+    format!("{amqp_url}{joint}frame_max={FRAME_MAX}")
+}
+
 fn pool_for(amqp_url: &str) -> Pool {
     let config = deadpool_lapin::Config {
-        url: Some(amqp_url.to_owned()),
+        url: Some(with_frame_max(amqp_url)),
         pool: Some(deadpool_lapin::PoolConfig {
             max_size: 4,
             timeouts: deadpool_lapin::Timeouts {
@@ -542,7 +557,7 @@ pub async fn connect_any(amqp_urls: &[String], name: &str) -> Result<Connection,
     let mut last = None;
     for url in amqp_urls {
         match Connection::connect(
-            url,
+            &with_frame_max(url),
             ConnectionProperties::default().with_connection_name(name.into()),
         )
         .await
@@ -718,6 +733,31 @@ async fn open_session(inner: &Inner) -> Result<Session, anyhow::Error> {
                     tokio::time::timeout(CLOSE_DEADLINE, c.close(200, "setup failed".into())).await;
             }
             Err(e.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frame_size_is_asked_for_unless_the_url_sets_one() {
+        assert_eq!(
+            with_frame_max("amqp://u:p@h:5672/%2f"),
+            "amqp://u:p@h:5672/%2f?frame_max=32768"
+        );
+        assert_eq!(
+            with_frame_max("amqp://h/%2f?heartbeat=10"),
+            "amqp://h/%2f?heartbeat=10&frame_max=32768"
+        );
+        assert_eq!(
+            with_frame_max("amqp://h/%2f?frame_max=131072"),
+            "amqp://h/%2f?frame_max=131072"
+        );
+        for url in ["amqp://u:p@h:5672/%2f", "amqp://h/v?heartbeat=10"] {
+            let uri: lapin::uri::AMQPUri = with_frame_max(url).parse().unwrap();
+            assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
         }
     }
 }

@@ -445,7 +445,8 @@ pub fn describe(m: &DlqMessage) -> String {
     }
     s.push_str("message headers:\n");
     for (k, v) in &m.headers {
-        if k != crate::envelope::H_FORWARD_HEADERS {
+        // The forwarded headers are listed above, in either envelope version's form.
+        if k != crate::envelope::H_HEADERS && k != crate::envelope::H_FORWARD_HEADERS {
             s.push_str(&format!("  {k}: {v}\n"));
         }
     }

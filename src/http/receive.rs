@@ -174,7 +174,7 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
             id.clone(),
         ));
     }
-    let span = tracing::info_span!("event", event_id = %id, webhook = %webhook);
+    let event_webhook = webhook.clone();
     let event = Envelope::received(
         id.clone(),
         webhook,
@@ -191,7 +191,10 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
 
     let unavailable = |e: PublishError| {
         // Broker trouble is logged once per episode by the broker, not once per request.
-        span.in_scope(|| tracing::debug!(error = %e, "answering 503: event not stored"));
+        // The event's span is made only here, not for every request: the log layer
+        // formats a span's fields when it is created.
+        tracing::info_span!("event", event_id = %id, webhook = %event_webhook)
+            .in_scope(|| tracing::debug!(error = %e, "answering 503: event not stored"));
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "event could not be stored; retry later",

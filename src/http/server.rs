@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 /// dozen; the cap keeps the per-request header table small.
 pub const MAX_HEADERS: usize = 100;
 /// Largest request head (request line and headers) in bytes; larger is answered 431.
-/// It is also the most an HTTP/1 connection buffers while reading.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// It is also the most an HTTP/1 connection buffers while reading, so it weighs on the
+/// memory of a burst: 1,000 connections reading bodies hold up to this much each.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Pause after a failed accept (out of file descriptors, say) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// What an HTTP/2 client sends first (RFC 9113 §3.4); anything else is HTTP/1.

@@ -165,13 +165,14 @@ async fn many_or_huge_headers_are_refused_by_the_server() {
     };
     let many: Vec<String> = (0..150).map(|i| format!("x-h{i}: {i}")).collect();
     assert_eq!(send(many).await.response.expect("an answer").status, 431);
-    let huge = vec![format!("x-big: {}", "b".repeat(80 * 1024))];
+    let huge = vec![format!("x-big: {}", "b".repeat(20 * 1024))];
     assert_eq!(send(huge).await.response.expect("an answer").status, 431);
 
-    // The limits leave room for real senders: 90 headers, a 16 KiB value.
+    // The limits leave room for real senders: 90 headers, a 12 KiB value (the head
+    // limit is 16 KiB, the default of Node.js's HTTP server).
     let fine: Vec<String> = (0..90).map(|i| format!("x-h{i}: {i}")).collect();
     assert_eq!(send(fine).await.response.expect("an answer").status, 202);
-    let big_but_fine = vec![format!("x-big: {}", "b".repeat(16 * 1024))];
+    let big_but_fine = vec![format!("x-big: {}", "b".repeat(12 * 1024))];
     assert_eq!(
         send(big_but_fine).await.response.expect("an answer").status,
         202
