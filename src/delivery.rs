@@ -3,7 +3,8 @@
 //! Standard Webhooks signature (`DOWNSTREAM_SIGNING_SECRET`).
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -269,7 +270,15 @@ pub struct Downstream {
     static_headers: Vec<(HeaderName, HeaderValue)>,
     /// Signs every delivery the Standard Webhooks way (`DOWNSTREAM_SIGNING_SECRET`).
     signing: Option<SigningKey>,
+    /// When the downstream last refused a connection, if no attempt got an answer since.
+    refused: Arc<Mutex<Option<Instant>>>,
 }
+
+/// After a refused connection, attempts within this long fail at once without
+/// connecting: a downstream that is down refuses every connect, and each refused
+/// connect cost about a quarter of the relay's CPU on that path. One attempt per window
+/// connects for real, so a recovered downstream is seen within this long.
+pub const REFUSED_HOLD: Duration = Duration::from_millis(50);
 
 impl Downstream {
     /// Builds the client for `url`.
@@ -284,6 +293,7 @@ impl Downstream {
             url,
             static_headers: Vec::new(),
             signing: None,
+            refused: Default::default(),
         })
     }
 
@@ -301,6 +311,18 @@ impl Downstream {
 
     /// Makes attempt number `attempt` of `event`, giving up after `timeout`.
     pub async fn attempt(&self, event: &Envelope, attempt: u32, timeout: Duration) -> Outcome {
+        if let Some(ago) = self.refused_within(REFUSED_HOLD) {
+            return Outcome::Retryable {
+                status: None,
+                error: format!(
+                    "connection failed: refused {} ms ago; not tried again within {} ms",
+                    ago.as_millis(),
+                    REFUSED_HOLD.as_millis()
+                ),
+                retry_after: None,
+                timed_out: false,
+            };
+        }
         let headers = delivery_headers(
             event,
             attempt,
@@ -314,7 +336,9 @@ impl Downstream {
             .headers(headers)
             .timeout(timeout)
             .body(event.body.clone());
-        match request.send().await {
+        let sent = request.send().await;
+        self.note_refused(sent.as_ref().err().is_some_and(is_connection_refused));
+        match sent {
             Ok(response) => {
                 let outcome = classify(response.status(), response.headers(), SystemTime::now());
                 // Drain a little of the body so the connection can be reused; never wait long.
@@ -330,6 +354,42 @@ impl Downstream {
             },
         }
     }
+}
+
+impl Downstream {
+    /// How long ago the downstream refused a connection, if that is less than `hold`
+    /// ago and this caller is not the one that should try again. The first caller
+    /// past the window takes it (the clock restarts), so one attempt per window
+    /// connects while the others fail at once.
+    fn refused_within(&self, hold: Duration) -> Option<Duration> {
+        let mut refused = self.refused.lock().expect("refused lock");
+        let at = (*refused)?;
+        let ago = at.elapsed();
+        if ago < hold {
+            return Some(ago);
+        }
+        // This attempt connects; the others keep failing fast until it is answered.
+        *refused = Some(Instant::now());
+        None
+    }
+
+    /// Records whether the last connect was refused; an answered attempt clears it.
+    fn note_refused(&self, refused: bool) {
+        let mut state = self.refused.lock().expect("refused lock");
+        *state = refused.then(Instant::now);
+    }
+}
+
+/// Whether the attempt failed because nothing listens at the downstream's address.
+fn is_connection_refused(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn describe(e: &reqwest::Error, timeout: Duration) -> String {
@@ -357,6 +417,46 @@ mod tests {
         assert!(error.starts_with("connection failed"), "{error}");
         for secret in ["s3cret-pass", "t0ken"] {
             assert!(!error.contains(secret), "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusing_downstream_is_connected_to_once_per_window() {
+        // A port that was just free: nothing listens there, connections are refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = reqwest::Url::parse(&format!("http://127.0.0.1:{port}/hook")).unwrap();
+        let downstream = Downstream::new(url).unwrap();
+        let event = Envelope::received("e".into(), "w".into(), None, vec![], Default::default());
+        let timeout = Duration::from_secs(2);
+        let first = downstream.attempt(&event, 1, timeout).await;
+        assert!(
+            first.error().unwrap().starts_with("connection failed"),
+            "{first:?}"
+        );
+        // Within the window: no connect, the same kind of failure at once.
+        let fast = downstream.attempt(&event, 1, timeout).await;
+        let error = fast.error().unwrap();
+        assert!(
+            error.starts_with("connection failed: refused") && error.contains("not tried again"),
+            "{fast:?}"
+        );
+        assert!(!fast.is_overload());
+        assert!(matches!(fast, Outcome::Retryable { status: None, .. }));
+        // The downstream comes back: after the window one attempt connects, is answered,
+        // and every attempt after it goes through again.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let app = axum::Router::new().route("/hook", axum::routing::post(|| async { "ok" }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::time::sleep(REFUSED_HOLD + Duration::from_millis(10)).await;
+        for _ in 0..3 {
+            let again = downstream.attempt(&event, 2, timeout).await;
+            assert_eq!(again, Outcome::Delivered { status: 200 });
         }
     }
 
