@@ -42,14 +42,34 @@ done
 # docker-compose 1.29 then builds through `docker build`.
 export DOCKER_BUILDKIT=1 COMPOSE_DOCKER_CLI_BUILD=1
 
+
+docker info >/dev/null 2>&1 || {
+  [ -n "${COMPOSE_STANDINS_BUILD:-}" ] || die "no Docker engine answers (docker info)"
+}
+
+# The images the project names: pulled by compose, or built locally as stand-ins.
+images=(rabbitmq:4.1-management rust:1.95-slim-bookworm debian:bookworm-slim)
+if [ -n "${COMPOSE_STANDINS_BUILD:-}" ]; then
+  say "building image stand-ins with $COMPOSE_STANDINS_BUILD"
+  "$COMPOSE_STANDINS_BUILD" "$PWD" >/dev/null
+else
+  for image in "${images[@]}"; do
+    docker image inspect "$image" >/dev/null 2>&1 || docker pull -q "$image" >/dev/null ||
+      die "cannot pull $image; set COMPOSE_STANDINS_BUILD to a script that builds it"
+  done
+fi
+step_done "images ready"
+
+# Chosen once the images are ready: the stand-ins script may install the engine, and
+# with it the client that builds here.
 # A docker client from 23 on builds with BuildKit only through its buildx plugin.
 # Without it, use the next docker client on PATH that builds (e.g. the one packaged
 # with the engine): docker-compose 1.29 runs whichever `docker` comes first.
 client_builds() {
   local v
   "$1" buildx version >/dev/null 2>&1 && return 0
-  # The client prints its own version even when no engine answers yet (it exits
-  # non-zero then): the engine may be started only below, with the stand-ins.
+  # The client prints its own version even when no engine answers (it exits
+  # non-zero then).
   v=$("$1" version -f '{{.Client.Version}}' 2>/dev/null || true)
   v=${v%%$'\n'*}
   [[ "$v" =~ ^[0-9]+ ]] || return 1
@@ -76,23 +96,6 @@ else
   compose_cmd=(docker-compose)
 fi
 say "using ${compose_cmd[*]} ($("${compose_cmd[@]}" version --short 2>/dev/null || echo '?'))"
-
-docker info >/dev/null 2>&1 || {
-  [ -n "${COMPOSE_STANDINS_BUILD:-}" ] || die "no Docker engine answers (docker info)"
-}
-
-# The images the project names: pulled by compose, or built locally as stand-ins.
-images=(rabbitmq:4.1-management rust:1.95-slim-bookworm debian:bookworm-slim)
-if [ -n "${COMPOSE_STANDINS_BUILD:-}" ]; then
-  say "building image stand-ins with $COMPOSE_STANDINS_BUILD"
-  "$COMPOSE_STANDINS_BUILD" "$PWD" >/dev/null
-else
-  for image in "${images[@]}"; do
-    docker image inspect "$image" >/dev/null 2>&1 || docker pull -q "$image" >/dev/null ||
-      die "cannot pull $image; set COMPOSE_STANDINS_BUILD to a script that builds it"
-  done
-fi
-step_done "images ready"
 
 # Free host ports: none of them may be the defaults, which a local RabbitMQ or an
 # earlier compose project may hold.
