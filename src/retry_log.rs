@@ -43,12 +43,25 @@ pub enum Logged {
 }
 
 /// The summary of failed attempts of one process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RetryLog {
     window: Mutex<Window>,
 }
 
 impl RetryLog {
+    /// A quiet summary (usable in a `static`).
+    pub const fn new() -> Self {
+        Self {
+            window: Mutex::new(Window {
+                since: None,
+                logged: None,
+                count: 0,
+                by_status: BTreeMap::new(),
+                last_error: String::new(),
+            }),
+        }
+    }
+
     /// A failed attempt (status, error) scheduled for a retry. `Started` means this one
     /// opens a spell and the caller logs it at `info` (with the event's span); any
     /// other answer means `debug`.
@@ -131,16 +144,14 @@ async fn summarize(log: &'static RetryLog) {
     }
 }
 
+impl Default for RetryLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The process's summary of failed attempts.
-static RETRIES: RetryLog = RetryLog {
-    window: Mutex::new(Window {
-        since: None,
-        logged: None,
-        count: 0,
-        by_status: BTreeMap::new(),
-        last_error: String::new(),
-    }),
-};
+static RETRIES: RetryLog = RetryLog::new();
 
 /// Notes a failed attempt scheduled for a retry in the process's summary; `true` when
 /// the caller should log it at `info` (the first of a spell). Starts the summary's
@@ -159,7 +170,7 @@ mod tests {
 
     #[test]
     fn the_first_failure_is_logged_then_one_summary_per_interval() {
-        let log = RetryLog::default();
+        let log = RetryLog::new();
         let t0 = Instant::now();
         assert_eq!(
             log.failed_at(t0, Some(503), Some("HTTP 503")),
@@ -186,7 +197,7 @@ mod tests {
 
     #[test]
     fn the_timer_sums_up_the_last_interval() {
-        let log = RetryLog::default();
+        let log = RetryLog::new();
         let t0 = Instant::now();
         log.failed_at(t0, None, Some("refused"));
         log.failed_at(t0 + Duration::from_secs(1), None, Some("refused"));
