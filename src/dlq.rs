@@ -28,14 +28,15 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, Consumer, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::confirms::{ConfirmChannel, Tracked};
 use crate::broker::{PublishError, Topology};
 use crate::envelope::{self, Envelope, H_DEAD_LETTERED_AT, H_REASON};
 
@@ -661,7 +662,7 @@ impl Dlq {
                 dlq: self,
                 op,
                 get: &get,
-                publish: &publish,
+                publish: ConfirmChannel::new(publish.clone()),
                 window: window_for(op.rate),
                 tally: Tally {
                     total,
@@ -701,8 +702,8 @@ fn window_for(rate: Option<f64>) -> usize {
 struct Pending {
     /// The DLQ delivery, acked once the publish is confirmed.
     delivery_tag: u64,
-    /// The broker's confirm of the publish.
-    confirm: PublisherConfirm,
+    /// The broker's answer to the publish.
+    confirm: Tracked,
     /// Selected (moved to work) or kept (put back at the DLQ tail).
     moved: bool,
     /// For the log line about the event.
@@ -725,7 +726,7 @@ struct Walk<'a> {
     /// Channel the DLQ messages are taken and acked on.
     get: &'a Channel,
     /// Confirm-mode channel the copies are published on.
-    publish: &'a Channel,
+    publish: ConfirmChannel,
     /// Publishes in flight at most (and the consumer prefetch).
     window: usize,
     tally: Tally,
@@ -935,29 +936,21 @@ impl Walk<'_> {
             (true, Action::Replay) => {
                 let mut event = Envelope::from_amqp(&delivery.properties, delivery.data);
                 event.reset_for_replay();
-                let props = event.properties();
+                // Mandatory: a missing work queue must fail the move.
                 self.publish
-                    .basic_publish(
-                        self.dlq.work.as_str().into(),
-                        self.dlq.work.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true, // a missing work queue must fail the move
-                            immediate: false,
-                        },
+                    .publish(
+                        &self.dlq.work,
+                        &self.dlq.work,
                         &event.body,
-                        props,
+                        event.properties(),
                     )
                     .await
             }
             (false, _) => {
                 self.publish
-                    .basic_publish(
-                        "".into(),
-                        self.dlq.queue.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
+                    .publish(
+                        "",
+                        &self.dlq.queue,
                         &delivery.data,
                         kept_properties(&delivery.properties),
                     )
@@ -986,7 +979,7 @@ impl Walk<'_> {
         };
         let confirmed = match tokio::time::timeout(self.dlq.publish_timeout, p.confirm).await {
             Err(_) => Err(PublishError::Timeout(self.dlq.publish_timeout)),
-            Ok(c) => crate::broker::read_confirmation(c),
+            Ok(answer) => answer,
         };
         self.settle(p.delivery_tag, p.moved, &p.id, &p.webhook, confirmed)
             .await;
@@ -1000,14 +993,8 @@ impl Walk<'_> {
                 break;
             };
             let p = self.pending.pop_front().expect("front exists");
-            self.settle(
-                p.delivery_tag,
-                p.moved,
-                &p.id,
-                &p.webhook,
-                crate::broker::read_confirmation(c),
-            )
-            .await;
+            self.settle(p.delivery_tag, p.moved, &p.id, &p.webhook, c)
+                .await;
         }
     }
 

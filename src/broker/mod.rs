@@ -3,6 +3,7 @@
 //! declared), replaces it with backoff when it breaks, tracks whether the broker is
 //! blocking publishers, and the confirmed publisher everything else calls (SPEC §2, §5).
 
+pub mod confirms;
 pub mod definitions;
 pub mod depths;
 pub mod episode;
@@ -16,13 +17,14 @@ use std::time::{Duration, Instant};
 
 use deadpool_lapin::Pool;
 use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Connection, ConnectionProperties};
 use rand::Rng;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Envelope;
+use confirms::ConfirmChannel;
 use episode::Episode;
 pub use topology::Topology;
 
@@ -105,21 +107,6 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
 }
 
-/// Reads a publisher confirm: only a plain ack means stored. An ack that carries a
-/// returned (unroutable) message is a failure, like a nack.
-pub fn read_confirmation(c: Result<Confirmation, lapin::Error>) -> Result<(), PublishError> {
-    match c {
-        Err(e) => Err(PublishError::Broker(e)),
-        Ok(Confirmation::Ack(None)) => Ok(()),
-        Ok(Confirmation::Ack(Some(returned))) => Err(PublishError::Unroutable {
-            code: returned.reply_code,
-            text: returned.reply_text.to_string(),
-        }),
-        Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked),
-        Ok(Confirmation::NotRequested) => Err(PublishError::NotConfirmMode),
-    }
-}
-
 /// One live pair of connections with the topology declared and confirm-mode channels
 /// open. Publishing and consuming never share a connection: RabbitMQ blocks a
 /// publishing connection during an alarm, and a blocked connection carries nothing,
@@ -134,7 +121,7 @@ pub struct Session {
     /// in-flight publish on it the broker confirms them in batches (one `multiple` ack
     /// for many), about 20% less CPU per publish than four channels (relay-bench).
     /// Replaced after a run of nacks (see [`NACKS_BEFORE_NEW_CHANNEL`]).
-    channel: std::sync::RwLock<Channel>,
+    channel: std::sync::RwLock<ConfirmChannel>,
     /// Nacks since the last confirm, and when the channel was last replaced.
     nacks_in_a_row: AtomicU32,
     rotated_at: std::sync::Mutex<Instant>,
@@ -168,7 +155,7 @@ impl Session {
         self.blocked.borrow().is_some()
     }
 
-    fn channel(&self) -> Channel {
+    fn channel(&self) -> ConfirmChannel {
         self.channel.read().expect("channel lock").clone()
     }
 
@@ -180,6 +167,7 @@ impl Session {
                 .channel
                 .read()
                 .expect("channel lock")
+                .channel()
                 .status()
                 .connected()
     }
@@ -191,15 +179,18 @@ impl Session {
             let ch = self.publisher.create_channel().await?;
             ch.confirm_select(ConfirmSelectOptions { nowait: false })
                 .await?;
-            Ok::<_, lapin::Error>(ch)
+            Ok::<_, lapin::Error>(ConfirmChannel::new(ch))
         };
         match tokio::time::timeout(publish_timeout, fresh).await {
             Ok(Ok(ch)) => {
                 let old = std::mem::replace(&mut *self.channel.write().expect("channel lock"), ch);
                 tracing::debug!("publishing channel replaced after repeated nacks");
                 tokio::time::sleep(publish_timeout).await;
-                let _ =
-                    tokio::time::timeout(CLOSE_DEADLINE, old.close(200, "replaced".into())).await;
+                let _ = tokio::time::timeout(
+                    CLOSE_DEADLINE,
+                    old.channel().close(200, "replaced".into()),
+                )
+                .await;
             }
             _ => tracing::debug!("could not open a new publishing channel"),
         }
@@ -404,30 +395,21 @@ impl Broker {
                 .acquire_many(size)
                 .await
                 .expect("the write budget is never closed");
-            let confirm = channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    BasicPublishOptions {
-                        // Unroutable must come back as a failure, not vanish.
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &body,
-                    properties,
-                )
+            // Mandatory: unroutable must come back as a failure, not vanish.
+            let answer = channel
+                .publish(exchange, routing_key, &body, properties)
                 .await?;
             // Written to the socket: the frames' copy is gone, and the body is no
             // longer needed here.
             drop(writing);
             drop(body);
             drop(release);
-            confirm.await
+            answer.await
         };
         let result = tokio::select! {
             timed = tokio::time::timeout(self.inner.publish_timeout, publish) => match timed {
                 Err(_) => Err(PublishError::Timeout(self.inner.publish_timeout)),
-                Ok(confirm) => read_confirmation(confirm),
+                Ok(answer) => answer,
             },
             why = blocked.wait_for(Option::is_some) => {
                 session.refused_while_blocked.fetch_add(1, Ordering::Relaxed);
@@ -716,7 +698,7 @@ async fn open_session(inner: &Inner) -> Result<Session, anyhow::Error> {
                 node: node.name.clone(),
                 publisher,
                 consumer,
-                channel: std::sync::RwLock::new(channel),
+                channel: std::sync::RwLock::new(ConfirmChannel::new(channel)),
                 nacks_in_a_row: AtomicU32::new(0),
                 rotated_at: std::sync::Mutex::new(Instant::now()),
                 broken: CancellationToken::new(),

@@ -1,7 +1,10 @@
 //! The declared topology (SPEC §2) and the publisher's refusal to call an
 //! unroutable publish a success.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
+
+use futures_util::future::join_all;
 
 use lapin::options::QueueDeleteOptions;
 use webhook_relay::app::Role;
@@ -9,7 +12,8 @@ use webhook_relay::broker::{PublishError, Target};
 use webhook_relay::envelope::Envelope;
 
 use crate::common::downstream::{Downstream, Reply};
-use crate::common::{Inspector, TestApp, config, unique_prefix};
+use crate::common::seed::drain_envelopes;
+use crate::common::{Inspector, TestApp, config, eventually, queue_exists, unique_prefix};
 
 #[tokio::test]
 async fn every_queue_exists_and_declaring_again_is_idempotent() {
@@ -74,18 +78,7 @@ async fn an_unroutable_publish_is_a_failure_not_a_success() {
     let app = TestApp::spawn_config(Role::Serve, cfg, true).await;
     let inspect = Inspector::connect().await;
     // Remove the DLQ behind the relay's back: a mandatory publish to it must fail.
-    inspect
-        .channel()
-        .queue_delete(
-            app.topology().dlq.as_str().into(),
-            QueueDeleteOptions {
-                if_unused: false,
-                if_empty: false,
-                nowait: false,
-            },
-        )
-        .await
-        .unwrap();
+    delete_queue(&inspect, &app.topology().dlq).await;
     let event = Envelope::received("u-1".into(), "w".into(), None, vec![], "{}".into());
     let err = app
         .relay
@@ -102,6 +95,88 @@ async fn an_unroutable_publish_is_a_failure_not_a_success() {
         app.relay.broker.publish(Target::Dlq, &event).await.is_ok()
     })
     .await;
+    inspect.close().await;
+}
+
+/// AMQP's `basic.return` names no publish: a return is followed by the confirm of its
+/// publish, but one `multiple` confirm often covers several publishes, and the client
+/// library hands the return to any one of them. With routable and unroutable publishes
+/// confirmed together, each answer must still be about its own publish: an unroutable
+/// one never reported stored (that event would be lost), a stored one never reported
+/// unroutable.
+#[tokio::test]
+async fn routed_and_unroutable_publishes_confirmed_together_each_get_their_own_answer() {
+    // Queue-first receiver and no worker: what is published stays where it went.
+    let app = TestApp::spawn(Role::Receiver, &[("INLINE_DELIVERY", "false")]).await;
+    let inspect = Inspector::connect().await;
+    let t = app.topology().clone();
+    let broker = &app.relay.broker;
+    let (mut unroutable, mut stored) = (0, 0);
+    // Which publish a return lands on is up to timing: a few rounds make a wrong
+    // pairing all but certain to show.
+    for round in 0..8 {
+        assert!(broker.wait_ready(Duration::from_secs(10)).await);
+        delete_queue(&inspect, &t.dlq).await;
+        // Every other publish goes to the missing DLQ, all of them in flight at once.
+        let sent: Vec<(String, Target)> = (0..400)
+            .map(|i| {
+                let target = if i % 2 == 0 {
+                    Target::Work
+                } else {
+                    Target::Dlq
+                };
+                (format!("mix-{round}-{i:03}"), target)
+            })
+            .collect();
+        let answers = join_all(sent.iter().map(|(id, target)| async move {
+            let event = Envelope::received(id.clone(), "w".into(), None, vec![], "{}".into());
+            broker.publish(*target, &event).await
+        }))
+        .await;
+        // The relay re-declares the DLQ after the first unroutable publish.
+        eventually(Duration::from_secs(10), "topology restored", || async {
+            queue_exists(&t.dlq).await
+        })
+        .await;
+        let ids_in = |queue: String| {
+            let inspect = &inspect;
+            async move {
+                drain_envelopes(inspect, &queue)
+                    .await
+                    .into_iter()
+                    .map(|e| e.id)
+                    .collect::<BTreeSet<String>>()
+            }
+        };
+        let in_work = ids_in(t.work.clone()).await;
+        let in_dlq = ids_in(t.dlq.clone()).await;
+        for ((id, target), answer) in sent.iter().zip(&answers) {
+            let held = if *target == Target::Work {
+                &in_work
+            } else {
+                &in_dlq
+            };
+            match answer {
+                Ok(()) => {
+                    stored += 1;
+                    assert!(held.contains(id), "{id} was answered stored but is not");
+                }
+                Err(PublishError::Unroutable { .. }) => {
+                    unroutable += 1;
+                    assert!(
+                        !in_work.contains(id) && !in_dlq.contains(id),
+                        "{id} was answered unroutable but is stored"
+                    );
+                }
+                // Cut off by the session's replacement: either answer is allowed.
+                Err(_) => {}
+            }
+        }
+    }
+    assert!(
+        unroutable >= 5 && stored >= 5,
+        "{unroutable} unroutable, {stored} stored"
+    );
     inspect.close().await;
 }
 
@@ -149,4 +224,20 @@ async fn a_message_past_the_work_delivery_limit_is_parked_in_the_dlq() {
     assert_eq!(e.dead_letter_reason.as_deref(), Some("delivery_limit"));
     println!("returned {returns} times before the broker dead-lettered it");
     inspect.close().await;
+}
+
+/// Deletes `queue` behind the relay's back.
+async fn delete_queue(inspect: &Inspector, queue: &str) {
+    inspect
+        .channel()
+        .queue_delete(
+            queue.into(),
+            QueueDeleteOptions {
+                if_unused: false,
+                if_empty: false,
+                nowait: false,
+            },
+        )
+        .await
+        .unwrap();
 }

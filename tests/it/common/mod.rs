@@ -191,6 +191,22 @@ pub fn delete_topology_blocking(topology: Topology) {
     .join();
 }
 
+/// Whether `queue` exists now (a passive declare on a channel of its own, since a
+/// failed one closes the channel).
+pub async fn queue_exists(queue: &str) -> bool {
+    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
+        return false;
+    };
+    let exists = match conn.create_channel().await {
+        Ok(ch) => webhook_relay::broker::topology::peek(&ch, queue)
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    let _ = conn.close(200, "checked".into()).await;
+    exists
+}
+
 /// A side connection to the broker for inspecting queues.
 pub struct Inspector {
     conn: Connection,
