@@ -33,8 +33,10 @@ pub fn event_id(headers: &HeaderMap, body: Option<&Value>) -> Option<String> {
     [
         body.get("id"),
         body.get("eventId"),
-        body.pointer("/metadata/CorrelationId"),
-        body.pointer("/detail/metadata/CorrelationId"),
+        body.get("metadata").and_then(|m| m.get("CorrelationId")),
+        body.get("detail")
+            .and_then(|d| d.get("metadata"))
+            .and_then(|m| m.get("CorrelationId")),
     ]
     .into_iter()
     .flatten()
@@ -76,6 +78,10 @@ fn usable_name(s: &str) -> Option<String> {
     let s = s.trim();
     if s.is_empty() {
         return None;
+    }
+    // The common case, already printable and short enough: one copy.
+    if s.len() <= MAX_LEN && !s.chars().any(char::is_control) {
+        return Some(s.to_owned());
     }
     // Names end up in logs, headers and metric labels: keep them printable and bounded.
     let cleaned: String = s

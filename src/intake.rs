@@ -19,16 +19,20 @@ struct Limit {
     capacity: usize,
     /// Permits left.
     free: Arc<Semaphore>,
+    /// Its `webhook_relay_intake_in_use` gauge.
+    in_use: metrics::Gauge,
 }
 
 impl Limit {
     fn new(label: &'static str, capacity: usize) -> Self {
         crate::metrics::intake_capacity(label, capacity);
-        crate::metrics::intake_in_use(label, 0);
+        let in_use = crate::metrics::intake_in_use(label);
+        in_use.set(0.0);
         Self {
             label,
             capacity,
             free: Arc::new(Semaphore::new(capacity)),
+            in_use,
         }
     }
 
@@ -63,7 +67,7 @@ pub struct Held {
 impl Held {
     fn report(&self) {
         let used = self.limit.capacity - self.limit.free.available_permits();
-        crate::metrics::intake_in_use(self.limit.label, used);
+        self.limit.in_use.set(used as f64);
     }
 
     /// How many units (slots or bytes) this guard holds.

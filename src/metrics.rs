@@ -2,11 +2,14 @@
 //! relay makes at its decision points, the `/metrics` text, and the background task
 //! that keeps queue depths fresh without a broker round-trip per scrape.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -288,9 +291,12 @@ pub fn intake_capacity(limit: &'static str, capacity: usize) {
     gauge!(INTAKE_CAPACITY, "limit" => limit).set(capacity as f64);
 }
 
-/// Intake limit `limit` has `used` in use.
-pub fn intake_in_use(limit: &'static str, used: usize) {
-    gauge!(INTAKE_IN_USE, "limit" => limit).set(used as f64);
+/// The gauge of what intake limit `limit` has in use, as a handle: it is set twice per
+/// request, and a held handle is one atomic store where a lookup by name and label is
+/// a key built, hashed and found each time. Made after [`install`], or it counts into
+/// nothing.
+pub fn intake_in_use(limit: &'static str) -> metrics::Gauge {
+    gauge!(INTAKE_IN_USE, "limit" => limit)
 }
 
 /// Intake limit `limit` was reached once more.
@@ -341,20 +347,37 @@ pub fn ack_failed() {
 
 /// A receive endpoint answered `code` with body status `answer`.
 pub fn received(endpoint: &'static str, code: u16, answer: &'static str) {
-    counter!(EVENTS_RECEIVED, "endpoint" => endpoint, "code" => code.to_string(), "answer" => answer)
-        .increment(1);
+    static KEPT: Handles<(&str, u16, &str), Counter> = Handles::new();
+    KEPT.with((endpoint, code, answer), |c| c.increment(1), || {
+        counter!(EVENTS_RECEIVED, "endpoint" => endpoint, "code" => code.to_string(), "answer" => answer)
+    });
 }
 
 /// One downstream attempt ended in `result` (with HTTP `status`, if any) after `took`.
 pub fn attempted(result: &'static str, status: Option<u16>, took: Duration) {
-    counter!(DELIVERY_ATTEMPTS, "result" => result, "status_class" => status_class(status))
-        .increment(1);
-    histogram!(DELIVERY_DURATION, "result" => result).record(took);
+    static COUNTED: Handles<(&str, &str), Counter> = Handles::new();
+    static TIMED: Handles<&str, Histogram> = Handles::new();
+    let class = status_class(status);
+    COUNTED.with(
+        (result, class),
+        |c| c.increment(1),
+        || counter!(DELIVERY_ATTEMPTS, "result" => result, "status_class" => class),
+    );
+    TIMED.with(
+        result,
+        |h| h.record(took),
+        || histogram!(DELIVERY_DURATION, "result" => result),
+    );
 }
 
 /// An event is durably in retry level `level` (0-based) of delay `delay`.
 pub fn retry_scheduled(level: usize, delay: Duration) {
-    counter!(RETRIES_SCHEDULED, "level" => level_label(level, delay)).increment(1);
+    static KEPT: Handles<(usize, Duration), Counter> = Handles::new();
+    KEPT.with(
+        (level, delay),
+        |c| c.increment(1),
+        || counter!(RETRIES_SCHEDULED, "level" => level_label(level, delay)),
+    );
 }
 
 /// An event is durably in the DLQ for `reason`.
@@ -374,8 +397,49 @@ pub fn purged() {
 
 /// A publish to `target` (work, retry, dlq) was confirmed or failed after `took`.
 pub fn publish_confirmed(target: &'static str, confirmed: bool, took: Duration) {
-    let result = if confirmed { "confirmed" } else { "failed" };
-    histogram!(PUBLISH_CONFIRM, "target" => target, "result" => result).record(took);
+    static KEPT: Handles<(&str, bool), Histogram> = Handles::new();
+    KEPT.with(
+        (target, confirmed),
+        |h| h.record(took),
+        || {
+            let result = if confirmed { "confirmed" } else { "failed" };
+            histogram!(PUBLISH_CONFIRM, "target" => target, "result" => result)
+        },
+    );
+}
+
+/// Metric handles by their label values, each made once: the hot paths count every
+/// event, and a held handle is an atomic add where the macros build a key, hash it and
+/// look it up in the recorder's registry on every call. Nothing is kept until the
+/// recorder is installed, since a handle made before counts into nothing.
+struct Handles<K, H>(RwLock<Option<HashMap<K, H>>>);
+
+impl<K: Hash + Eq, H> Handles<K, H> {
+    const fn new() -> Self {
+        Self(RwLock::new(None))
+    }
+
+    /// Calls `with` on the handle of `key`, made by `make` the first time.
+    fn with(&self, key: K, with: impl FnOnce(&H), make: impl FnOnce() -> H) {
+        self.with_kept(HANDLE.get().is_some(), key, with, make);
+    }
+
+    fn with_kept(&self, keep: bool, key: K, with: impl FnOnce(&H), make: impl FnOnce() -> H) {
+        if !keep {
+            return with(&make());
+        }
+        let kept = self.0.read().expect("metric handles");
+        if let Some(h) = kept.as_ref().and_then(|m| m.get(&key)) {
+            return with(h);
+        }
+        drop(kept);
+        let mut kept = self.0.write().expect("metric handles");
+        with(
+            kept.get_or_insert_with(HashMap::new)
+                .entry(key)
+                .or_insert_with(make),
+        );
+    }
 }
 
 /// `2xx` .. `5xx`, or `none` when the downstream never answered (pure).
@@ -398,6 +462,29 @@ pub fn level_label(level: usize, delay: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handles_are_made_once_per_key_once_kept() {
+        let kept: Handles<(&str, u16), u32> = Handles::new();
+        let made = std::cell::Cell::new(0);
+        let make = || {
+            made.set(made.get() + 1);
+            made.get()
+        };
+        let seen = std::cell::RefCell::new(Vec::new());
+        let see = |h: &u32| seen.borrow_mut().push(*h);
+        // Before the recorder exists nothing is kept: every call makes its own.
+        kept.with_kept(false, ("a", 1), see, make);
+        kept.with_kept(false, ("a", 1), see, make);
+        assert_eq!(made.get(), 2);
+        // Once kept, a key's handle is made the first time and reused after.
+        kept.with_kept(true, ("a", 1), see, make);
+        kept.with_kept(true, ("a", 1), see, make);
+        kept.with_kept(true, ("b", 1), see, make);
+        kept.with_kept(true, ("a", 1), see, make);
+        assert_eq!(made.get(), 4);
+        assert_eq!(*seen.borrow(), [1, 2, 3, 3, 4, 3]);
+    }
 
     #[test]
     fn status_classes() {

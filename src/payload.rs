@@ -53,24 +53,29 @@ pub fn inspect(body: &[u8]) -> Result<Value, BodyError> {
 }
 
 /// Whether arrays and objects in `json` nest deeper than `limit`. Exact for valid
-/// JSON; brackets inside strings do not count. Linear, no allocation.
+/// JSON; brackets inside strings do not count. Linear, no allocation: the insides of
+/// strings (most of an event's bytes) are skipped with `memchr`, not byte by byte.
 pub fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in json {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                // To the closing quote, hopping over escapes (`\"`, `\\`).
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', json.get(i..).unwrap_or_default()) {
+                        // Unterminated: not JSON, which the parser says next.
+                        None => return false,
+                        Some(k) if json[i + k] == b'\\' => i += k + 2,
+                        Some(k) => {
+                            i += k + 1;
+                            break;
+                        }
+                    }
+                }
+                continue;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
@@ -80,6 +85,7 @@ pub fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }
@@ -157,11 +163,12 @@ impl<'de> Visitor<'de> for &Want {
             Want::Leaf => &[],
         };
         let mut kept = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            match fields.iter().find(|(name, _)| *name == key) {
-                Some((_, want)) => {
+        // Keys are matched as the parser reads them, never copied unless kept.
+        while let Some(found) = map.next_key_seed(Field(fields))? {
+            match found {
+                Some((name, want)) => {
                     let v = map.next_value_seed(want)?;
-                    kept.insert(key, v);
+                    kept.insert(String::from(*name), v);
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -172,6 +179,30 @@ impl<'de> Visitor<'de> for &Want {
             Want::Object(_) => Value::Object(kept),
             Want::Leaf => Value::Null,
         })
+    }
+}
+
+/// Reads an object key and finds it among the wanted fields, without allocating for
+/// a key that needs no unescaping (serde_json hands those over borrowed).
+struct Field(&'static [(&'static str, Want)]);
+
+impl<'de> DeserializeSeed<'de> for Field {
+    type Value = Option<&'static (&'static str, Want)>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Field {
+    type Value = Option<&'static (&'static str, Want)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().find(|(name, _)| *name == key))
     }
 }
 
@@ -202,6 +233,21 @@ mod tests {
 
     fn nested(levels: usize) -> String {
         format!("{}{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn brackets_inside_strings_and_escapes_do_not_nest() {
+        // Escaped quotes and backslashes end no string early; brackets inside count not.
+        let text = br#"{"a":"[[[\"{{{\\","b":["\\"],"c":"\\\"]]]"}"#;
+        assert!(!nesting_exceeds(text, 2));
+        assert!(nesting_exceeds(text, 1));
+        // A key with an escape is still matched, and kept under its real name.
+        let probe = inspect(br#"{"i\u0064":"esc-1","pad":"\"}{"}"#).unwrap();
+        assert_eq!(probe["id"], "esc-1");
+        // Cut off inside a string or right after a backslash: no panic, no verdict.
+        assert!(!nesting_exceeds(br#"{"a":"abc"#, 1));
+        assert!(!nesting_exceeds(br#"["a\"#, 1));
+        assert!(nesting_exceeds(br#"[["a\"#, 1));
     }
 
     #[test]
