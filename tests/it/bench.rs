@@ -7,7 +7,7 @@ use std::time::Duration;
 use webhook_relay::broker::Topology;
 use webhook_relay::retry::Ladder;
 
-use crate::common::{amqp_url, delete_topology_blocking};
+use crate::common::{amqp_url, delete_topology_blocking, queue_exists};
 
 /// Runs `relay-bench --smoke --only 3` with `relay` as the relay binary.
 fn smoke_queue_first(relay: &str) -> (i32, String) {
@@ -74,4 +74,111 @@ fn smoke_run_fails_when_events_are_not_where_the_answers_say() {
     assert_ne!(code, 0, "a wrong answer must fail the run:\n{output}");
     assert!(output.contains("scenario 3 FAILED"), "{output}");
     assert!(!output.contains("exactly as expected: yes"), "{output}");
+}
+
+#[test]
+fn an_interrupted_run_stops_its_relay_and_deletes_what_it_declared() {
+    // A relay that writes down its prefix and process id, then becomes the real relay.
+    let dir = std::env::temp_dir().join(format!("relay-bench-int-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let started = dir.join("started");
+    let wrapper = dir.join("recorded-relay");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$QUEUE_PREFIX $$\" >> '{}'\nexec '{}' \"$@\"\n",
+            started.display(),
+            env!("CARGO_BIN_EXE_webhook-relay")
+        ),
+    )
+    .unwrap();
+    let chmod = Command::new("chmod")
+        .arg("+x")
+        .arg(&wrapper)
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+    let log = std::fs::File::create(dir.join("bench.log")).unwrap();
+    // Far more events than run in the test's time: only the signal ends it.
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_relay-bench"))
+        .args([
+            "--smoke",
+            "--only",
+            "3",
+            "--events",
+            "5000000",
+            "--relay-bin",
+        ])
+        .arg(&wrapper)
+        .env("AMQP_URL", amqp_url())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("relay-bench runs");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (prefix, relay_pid) = loop {
+        let line = std::fs::read_to_string(&started).unwrap_or_default();
+        if let Some((prefix, pid)) = line.lines().next().and_then(|l| l.split_once(' ')) {
+            let work = format!("{prefix}.work");
+            if rt.block_on(queue_exists(&work)) {
+                break (prefix.to_owned(), pid.parse::<u32>().unwrap());
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay of scenario 3 did not start and declare its queues"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Mid-load.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(kill("-INT", bench.id()), "SIGINT could not be sent");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = bench.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = bench.kill();
+            let _ = bench.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = std::fs::read_to_string(dir.join("bench.log")).unwrap_or_default();
+    // Signal 0 only asks whether the process exists.
+    let relay_alive = kill("-0", relay_pid);
+    if relay_alive {
+        // The relay this test started must not outlive it.
+        kill("-KILL", relay_pid);
+    }
+    let ladder = Ladder::new(Duration::from_secs(300), Duration::from_secs(600));
+    let topology = Topology::new(&prefix, &ladder);
+    let left: Vec<String> = topology
+        .queues()
+        .into_iter()
+        .map(|q| q.name)
+        .filter(|q| rt.block_on(queue_exists(q)))
+        .collect();
+    if !left.is_empty() {
+        delete_topology_blocking(topology);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let status = status.unwrap_or_else(|| panic!("relay-bench ignored SIGINT:\n{output}"));
+    assert_eq!(status.code(), Some(130), "{output}");
+    assert!(!relay_alive, "its relay outlived it:\n{output}");
+    assert!(left.is_empty(), "left behind: {left:?}\n{output}");
+    assert!(output.contains("SIGINT during scenario 3"), "{output}");
+}
+
+/// `kill SIGNAL PID`; whether it succeeded.
+fn kill(signal: &str, pid: u32) -> bool {
+    Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }

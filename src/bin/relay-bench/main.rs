@@ -131,8 +131,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
     match runtime.block_on(run(args)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(Outcome::Passed) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::FAILURE,
+        // As a shell reports a process ended by SIGINT.
+        Ok(Outcome::Interrupted) => ExitCode::from(130),
         Err(e) => {
             eprintln!("relay-bench: {e:#}");
             ExitCode::FAILURE
@@ -140,8 +142,35 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the chosen scenarios; `Ok(false)` when any of them failed its checks.
-async fn run(args: Args) -> anyhow::Result<bool> {
+/// How a run ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Every chosen scenario passed its checks.
+    Passed,
+    /// At least one failed its checks.
+    Failed,
+    /// Stopped by a signal; the current scenario's queues were deleted.
+    Interrupted,
+}
+
+/// Resolves when the process is asked to stop (SIGINT or SIGTERM), naming the signal.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without handlers the default action (exit) applies: never resolve.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+/// Runs the chosen scenarios.
+async fn run(args: Args) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let relay_bin = relay_binary(args.relay_bin.clone())?;
     let bench = Bench::new(args, relay_bin).await?;
@@ -155,13 +184,29 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             continue;
         }
         let prefix = format!("relay-bench-{}-{scenario}", bench.run);
-        let result = match scenario {
-            1 => bench.inline_healthy(&prefix).await,
-            2 => bench.inline_refusing(&prefix).await,
-            3 => bench.queue_first(&prefix).await,
-            4 => bench.drain(&prefix).await,
-            5 => bench.capacity(&prefix).await,
-            _ => bench.large_events(&prefix).await,
+        let measured = async {
+            match scenario {
+                1 => bench.inline_healthy(&prefix).await,
+                2 => bench.inline_refusing(&prefix).await,
+                3 => bench.queue_first(&prefix).await,
+                4 => bench.drain(&prefix).await,
+                5 => bench.capacity(&prefix).await,
+                _ => bench.large_events(&prefix).await,
+            }
+        };
+        // Ctrl-C or SIGTERM mid-scenario: the scenario is dropped (its relay processes
+        // are killed with it), and what it declared is deleted before exiting.
+        let result = tokio::select! {
+            result = measured => result,
+            signal = interrupted() => {
+                eprintln!(
+                    "relay-bench: {signal} during scenario {scenario}: its relays stopped, \
+                     deleting its queues ({prefix}.*)"
+                );
+                bench.teardown(&prefix).await;
+                let _ = bench.amqp.close(200, "bench interrupted".into()).await;
+                return Ok(Outcome::Interrupted);
+            }
         };
         bench.teardown(&prefix).await;
         match result {
@@ -200,7 +245,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         machine
     };
     write_chart(&bench.chart_path(), &rows, &caption)?;
-    Ok(failures.is_empty())
+    Ok(if failures.is_empty() {
+        Outcome::Passed
+    } else {
+        Outcome::Failed
+    })
 }
 
 /// Writes the chart of `rows` to `path`, and says where (or why not).
@@ -1020,18 +1069,17 @@ impl Bench {
     /// attempts and events exhausting theirs reach the DLQ.
     async fn capacity(&self, prefix: &str) -> anyhow::Result<Vec<Row>> {
         eprintln!("scenario 5: downstream capacity 4");
+        self.capacity_modes(prefix, &Self::capacity_topology(prefix))
+            .await
+    }
+
+    /// Scenario 5's topology: its own, shorter ladder.
+    fn capacity_topology(prefix: &str) -> Topology {
         let ladder = Ladder::new(
             Duration::from_millis(CAPACITY_BACKOFF_BASE_MS),
             Duration::from_millis(CAPACITY_BACKOFF_MAX_MS),
         );
-        let topology = Topology::new(prefix, &ladder);
-        let result = self.capacity_modes(prefix, &topology).await;
-        // Its own ladder: the common teardown knows only the other scenarios' levels.
-        if let Ok(ch) = self.amqp.create_channel().await {
-            let _ = topology.delete(&ch).await;
-            let _ = ch.close(200, "teardown".into()).await;
-        }
-        result
+        Topology::new(prefix, &ladder)
     }
 
     async fn capacity_modes(&self, prefix: &str, topology: &Topology) -> anyhow::Result<Vec<Row>> {
@@ -1207,11 +1255,19 @@ impl Bench {
         Ok(())
     }
 
-    /// Deletes everything the scenario declared (the relay's topology and the raw
-    /// baseline's queue), whatever state the scenario ended in.
+    /// Deletes everything the scenario declared (the relay's topology on either ladder
+    /// and the raw baseline's queue), whatever state the scenario ended in, an
+    /// interrupted one included.
     async fn teardown(&self, prefix: &str) {
         let topology = Self::topology(prefix);
-        let mut names: Vec<String> = topology.queues().into_iter().map(|q| q.name).collect();
+        let mut names: Vec<String> = topology
+            .queues()
+            .into_iter()
+            .chain(Self::capacity_topology(prefix).queues())
+            .map(|q| q.name)
+            .collect();
+        names.sort();
+        names.dedup();
         names.push(format!("{prefix}.bench-raw"));
         for name in names {
             // A fresh channel each time: a failed delete closes its channel.
