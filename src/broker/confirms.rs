@@ -189,6 +189,11 @@ impl Ledger {
                 if let Poll::Ready(outcome) = Pin::new(confirm).poll(&mut cx) {
                     w.confirm = None;
                     w.outcome = Some(outcome);
+                    // Its waiter must hear of it from here. lapin stores a confirm's
+                    // answer, then wakes the waiter through the answer's listener; taken
+                    // in between, the answer's listener is dropped with the wake-up
+                    // unsent, and the waiter slept until its publish timeout.
+                    w.waker.wake_by_ref();
                 }
             }
             if let Some(Ok(Confirmation::Ack(r) | Confirmation::Nack(r))) = &mut w.outcome
