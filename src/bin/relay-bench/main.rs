@@ -567,10 +567,11 @@ impl Bench {
         cpu.push((before, relay.sample()?));
         check_sent("relay", &sent, n)?;
         eprintln!(
-            "  round {round} relay:    {}/s, p50 {:.2} ms, p99 {:.2} ms; {seen}",
+            "  round {round} relay:    {}/s, p50 {:.2} ms, p99 {:.2} ms, slowest {:.0} ms; {seen}",
             report::thousands(sent.rate()),
             sent.latency_ms(0.5),
-            sent.latency_ms(0.99)
+            sent.latency_ms(0.99),
+            sent.latency_ms(1.0)
         );
         Ok(sent)
     }
