@@ -41,22 +41,13 @@ fn smoke_run_fails_when_events_are_not_where_the_answers_say() {
     let dir = std::env::temp_dir().join(format!("relay-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let prefixes = dir.join("prefixes");
-    let wrapper = dir.join("misdirected-relay");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\necho \"$QUEUE_PREFIX-elsewhere\" >> '{}'\nQUEUE_PREFIX=\"$QUEUE_PREFIX-elsewhere\" exec '{}' \"$@\"\n",
-            prefixes.display(),
-            env!("CARGO_BIN_EXE_webhook-relay")
+    let wrapper = relay_wrapper(
+        &dir.join("misdirected-relay"),
+        &format!(
+            "echo \"$QUEUE_PREFIX-elsewhere\" >> '{}'\nexport QUEUE_PREFIX=\"$QUEUE_PREFIX-elsewhere\"",
+            prefixes.display()
         ),
-    )
-    .unwrap();
-    let chmod = Command::new("chmod")
-        .arg("+x")
-        .arg(&wrapper)
-        .status()
-        .unwrap();
-    assert!(chmod.success());
+    );
 
     let (code, output) = smoke_queue_first(wrapper.to_str().unwrap());
 
@@ -82,22 +73,10 @@ fn an_interrupted_run_stops_its_relay_and_deletes_what_it_declared() {
     let dir = std::env::temp_dir().join(format!("relay-bench-int-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let started = dir.join("started");
-    let wrapper = dir.join("recorded-relay");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\necho \"$QUEUE_PREFIX $$\" >> '{}'\nexec '{}' \"$@\"\n",
-            started.display(),
-            env!("CARGO_BIN_EXE_webhook-relay")
-        ),
-    )
-    .unwrap();
-    let chmod = Command::new("chmod")
-        .arg("+x")
-        .arg(&wrapper)
-        .status()
-        .unwrap();
-    assert!(chmod.success());
+    let wrapper = relay_wrapper(
+        &dir.join("recorded-relay"),
+        &format!("echo \"$QUEUE_PREFIX $$\" >> '{}'", started.display()),
+    );
     let log = std::fs::File::create(dir.join("bench.log")).unwrap();
     // Far more events than run in the test's time: only the signal ends it.
     let mut bench = Command::new(env!("CARGO_BIN_EXE_relay-bench"))
@@ -172,6 +151,22 @@ fn an_interrupted_run_stops_its_relay_and_deletes_what_it_declared() {
     assert!(!relay_alive, "its relay outlived it:\n{output}");
     assert!(left.is_empty(), "left behind: {left:?}\n{output}");
     assert!(output.contains("SIGINT during scenario 3"), "{output}");
+}
+
+/// Writes an executable script at `path` that runs the shell lines `before`, then
+/// becomes the relay with the same arguments (`exec`, so the process id stays).
+fn relay_wrapper(path: &std::path::Path, before: &str) -> std::path::PathBuf {
+    std::fs::write(
+        path,
+        format!(
+            "#!/bin/sh\n{before}\nexec '{}' \"$@\"\n",
+            env!("CARGO_BIN_EXE_webhook-relay")
+        ),
+    )
+    .unwrap();
+    let chmod = Command::new("chmod").arg("+x").arg(path).status().unwrap();
+    assert!(chmod.success());
+    path.to_owned()
 }
 
 /// `kill SIGNAL PID`; whether it succeeded.
