@@ -52,13 +52,11 @@ fn smoke_run_fails_when_events_are_not_where_the_answers_say() {
     let (code, output) = smoke_queue_first(wrapper.to_str().unwrap());
 
     // The misdirected relay declared a topology the benchmark does not know: delete it.
-    // The ladder is the benchmark's (BACKOFF_BASE_MS 300000, BACKOFF_MAX_MS 600000).
-    let ladder = Ladder::new(Duration::from_secs(300), Duration::from_secs(600));
     for prefix in std::fs::read_to_string(&prefixes)
         .unwrap_or_default()
         .lines()
     {
-        delete_topology_blocking(Topology::new(prefix, &ladder));
+        delete_topology_blocking(bench_topology(prefix));
     }
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -133,8 +131,7 @@ fn an_interrupted_run_stops_its_relay_and_deletes_what_it_declared() {
         // The relay this test started must not outlive it.
         kill("-KILL", relay_pid);
     }
-    let ladder = Ladder::new(Duration::from_secs(300), Duration::from_secs(600));
-    let topology = Topology::new(&prefix, &ladder);
+    let topology = bench_topology(&prefix);
     let left: Vec<String> = topology
         .queues()
         .into_iter()
@@ -151,6 +148,15 @@ fn an_interrupted_run_stops_its_relay_and_deletes_what_it_declared() {
     assert!(!relay_alive, "its relay outlived it:\n{output}");
     assert!(left.is_empty(), "left behind: {left:?}\n{output}");
     assert!(output.contains("SIGINT during scenario 3"), "{output}");
+}
+
+/// The topology the benchmark's relays declare for `prefix`: its ladder is
+/// BACKOFF_BASE_MS 300000, BACKOFF_MAX_MS 600000.
+fn bench_topology(prefix: &str) -> Topology {
+    Topology::new(
+        prefix,
+        &Ladder::new(Duration::from_secs(300), Duration::from_secs(600)),
+    )
 }
 
 /// Writes an executable script at `path` that runs the shell lines `before`, then

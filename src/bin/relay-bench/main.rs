@@ -197,18 +197,21 @@ async fn run(args: Args) -> anyhow::Result<Outcome> {
         // Ctrl-C or SIGTERM mid-scenario: the scenario is dropped (its relay processes
         // are killed with it), and what it declared is deleted before exiting.
         let result = tokio::select! {
-            result = measured => result,
-            signal = interrupted() => {
+            result = measured => Ok(result),
+            signal = interrupted() => Err(signal),
+        };
+        bench.teardown(&prefix).await;
+        let result = match result {
+            Ok(result) => result,
+            Err(signal) => {
                 eprintln!(
                     "relay-bench: {signal} during scenario {scenario}: its relays stopped, \
-                     deleting its queues ({prefix}.*)"
+                     its queues ({prefix}.*) deleted"
                 );
-                bench.teardown(&prefix).await;
                 let _ = bench.amqp.close(200, "bench interrupted".into()).await;
                 return Ok(Outcome::Interrupted);
             }
         };
-        bench.teardown(&prefix).await;
         match result {
             Ok(new) => {
                 for r in &new {
@@ -1070,20 +1073,7 @@ impl Bench {
     /// attempts and events exhausting theirs reach the DLQ.
     async fn capacity(&self, prefix: &str) -> anyhow::Result<Vec<Row>> {
         eprintln!("scenario 5: downstream capacity 4");
-        self.capacity_modes(prefix, &Self::capacity_topology(prefix))
-            .await
-    }
-
-    /// Scenario 5's topology: its own, shorter ladder.
-    fn capacity_topology(prefix: &str) -> Topology {
-        let ladder = Ladder::new(
-            Duration::from_millis(CAPACITY_BACKOFF_BASE_MS),
-            Duration::from_millis(CAPACITY_BACKOFF_MAX_MS),
-        );
-        Topology::new(prefix, &ladder)
-    }
-
-    async fn capacity_modes(&self, prefix: &str, topology: &Topology) -> anyhow::Result<Vec<Row>> {
+        let topology = &Self::capacity_topology(prefix);
         let channel = self.amqp.create_channel().await?;
         topology.declare(&channel).await?;
         let _ = channel.close(200, "declared".into()).await;
@@ -1104,6 +1094,15 @@ impl Bench {
             self.judged(),
             Some(Resources::from_samples(&cpu, self.capacity_events)),
         )])
+    }
+
+    /// Scenario 5's topology: its own, shorter ladder.
+    fn capacity_topology(prefix: &str) -> Topology {
+        let ladder = Ladder::new(
+            Duration::from_millis(CAPACITY_BACKOFF_BASE_MS),
+            Duration::from_millis(CAPACITY_BACKOFF_MAX_MS),
+        );
+        Topology::new(prefix, &ladder)
     }
 
     /// One drain against the capacity-4 downstream; (delivered events/s, share of
