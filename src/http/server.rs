@@ -19,11 +19,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-/// Most request headers accepted; more is answered 431. Genesys senders use about a
-/// dozen; the cap keeps the per-request header table small. It is hyper's default and
-/// is left unset on purpose: with `max_headers` set, hyper builds and initialises a
-/// header table of that size for every request instead of using one on the stack.
-pub const MAX_HEADERS: usize = 100;
 /// Largest request head (request line and headers) in bytes; larger is answered 431.
 /// It is also the most an HTTP/1 connection buffers while reading, so it weighs on the
 /// memory of a burst: 1,000 connections reading bodies hold up to this much each (at
@@ -269,6 +264,10 @@ fn builder(request_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         // A client trickling its headers (slowloris) is disconnected.
         .header_read_timeout(request_timeout)
+        // At most 100 request headers, hyper's default (more is answered 431; Genesys
+        // senders use about a dozen). Left unset on purpose: with `max_headers` set,
+        // hyper builds and initialises a header table of that size for every request
+        // instead of using one on the stack.
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
