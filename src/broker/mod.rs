@@ -497,12 +497,10 @@ impl Inner {
 }
 
 /// Largest AMQP frame the relay asks for, unless the URL sets `frame_max`: the
-/// broker's own default. Each body frame costs the broker: with 32 KiB frames a 64 KB
-/// event took three and the broker spent 2.6 to 3.4 CPU s per 10,000 of them against
-/// 2.0 to 2.1 with one, and the relay took in 2,600 to 3,200 of them a second instead
-/// of 3,800 to 4,000. lapin keeps 32 frames' room for sending and 32 for receiving per
-/// connection (8 MiB at this size), touched as it is used: peak RSS was 3 MB higher in
-/// the benchmark and unchanged in the 250 KB burst.
+/// broker's own default. Every body frame costs the broker, so a smaller size makes
+/// each larger event dearer (README, "What changed the figures", has the figures).
+/// lapin keeps 32 frames' room for sending and 32 for receiving per connection,
+/// touched as it is used: 8 MiB per connection at this size.
 pub const FRAME_MAX: u32 = 128 * 1024;
 
 /// `amqp_url` with [`FRAME_MAX`] asked for, unless the URL sets its own `frame_max`.
