@@ -63,12 +63,16 @@ impl App {
         let delivers = role.works() || config.inline_delivery;
         let downstream = if delivers {
             let url = config.require_downstream(role.name())?.clone();
-            Some(
-                Downstream::new(url)
-                    .context("building the HTTP client")?
-                    .with_headers(config.downstream_headers.clone())
-                    .with_signing(config.downstream_signing.clone()),
-            )
+            let downstream = Downstream::new(url)
+                .context("building the HTTP client")?
+                .with_headers(config.downstream_headers.clone())
+                .with_signing(config.downstream_signing.clone());
+            if downstream.is_proxied() {
+                tracing::info!(
+                    "deliveries go through the proxy the environment names for DOWNSTREAM_URL (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY)"
+                );
+            }
+            Some(downstream)
         } else {
             None
         };

@@ -1,6 +1,8 @@
 //! Logging: `tracing` with readable text by default or JSON lines (`LOG_FORMAT`),
 //! filtered by `RUST_LOG` (default `info`, with the AMQP client's own chatter off: the
-//! relay logs one line when it loses and one when it regains the broker).
+//! relay logs one line when it loses and one when it regains the broker; and the
+//! certificate verifier's error per failed handshake off: the failed attempt's own
+//! line, summarised per spell, carries the same error).
 
 use tracing_subscriber::EnvFilter;
 
@@ -14,8 +16,11 @@ pub fn init(format: LogFormat) {
 /// Like [`init`], with another filter when `RUST_LOG` is unset: operator tools print
 /// their own output and log only warnings by default.
 pub fn init_with_default(format: LogFormat, default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{default_filter},lapin=off")));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{default_filter},lapin=off,rustls_platform_verifier=off"
+        ))
+    });
     // Colour codes only on a terminal: piped or collected logs stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -10,6 +10,7 @@ mod cli;
 mod compose;
 mod demo;
 mod dlq;
+mod downstream_client;
 mod genesys;
 mod hostile;
 mod intake;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 /// What the downstream answers to one request.
@@ -38,6 +38,8 @@ pub type Rule = Arc<dyn Fn(&HeaderMap) -> Option<Reply> + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct Received {
     pub at: Instant,
+    /// The request target as sent: a path, or a whole URL when sent to a proxy.
+    pub uri: Uri,
     pub headers: HeaderMap,
     pub body: Bytes,
     /// The status answered (recorded once the reply is chosen; `Hang` records 0).
@@ -85,12 +87,51 @@ impl Downstream {
 
     /// Starts a downstream on `addr` (e.g. one that refused connections until now).
     pub async fn start_at(addr: SocketAddr, default: Reply) -> Self {
-        let shared = Arc::new(Shared::default());
-        *shared.default.lock().unwrap() = Some(default);
-        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let (app, shared) = router(default);
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, shared }
+    }
+
+    /// Starts a downstream serving HTTPS only, with the certificate chain `cert_pem`
+    /// and its key `key_pem`; its URL is [`Downstream::https_url`].
+    pub async fn start_tls(cert_pem: &str, key_pem: &str, default: Reply) -> Self {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (app, shared) = router(default);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    // A client that refuses the certificate ends the handshake here.
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
         Self { addr, shared }
     }
 
@@ -126,6 +167,12 @@ impl Downstream {
         format!("http://{}/hook", self.addr)
     }
 
+    /// The URL of a downstream started with [`Downstream::start_tls`], by the name its
+    /// certificate carries.
+    pub fn https_url(&self) -> String {
+        format!("https://localhost:{}/hook", self.addr.port())
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.shared.received.lock().unwrap().clone()
     }
@@ -147,7 +194,20 @@ impl Downstream {
     }
 }
 
-async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+/// The mock's router and the state it shares with its handle.
+fn router(default: Reply) -> (Router, Arc<Shared>) {
+    let shared = Arc::new(Shared::default());
+    *shared.default.lock().unwrap() = Some(default);
+    let app = Router::new().fallback(handle).with_state(shared.clone());
+    (app, shared)
+}
+
+async fn handle(
+    State(s): State<Arc<Shared>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     s.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let rule = s.rule.lock().unwrap().clone();
@@ -166,6 +226,7 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
     };
     s.received.lock().unwrap().push(Received {
         at: Instant::now(),
+        uri,
         headers,
         body,
         status,
