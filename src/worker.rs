@@ -158,7 +158,7 @@ async fn handle(
     cancel: &CancellationToken,
 ) {
     let event = Envelope::from_amqp(&delivery.properties, delivery.data);
-    let span = tracing::info_span!("event", event_id = %event.id, webhook = %event.webhook);
+    let span = crate::relay::attempt_span(&event);
     settle_delivery(relay, delivery.acker, event, channel, cancel)
         .instrument(span)
         .await
@@ -227,6 +227,9 @@ async fn settle_delivery(
         // The channel is gone; the broker redelivers the message (a duplicate, never a
         // loss). Not a success: counted, so a flap's duplicates can be told apart.
         crate::metrics::ack_failed();
-        tracing::info!(error = %e, "could not acknowledge the delivery; the broker will redeliver it");
+        crate::relay::in_event_span(
+            &attempted.event,
+            || tracing::info!(error = %e, "could not acknowledge the delivery; the broker will redeliver it"),
+        );
     }
 }
