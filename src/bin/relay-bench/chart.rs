@@ -6,7 +6,7 @@
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::report::{Row, thousands};
+use crate::report::{REFERENCE, Row, thousands};
 
 /// Width of the image, pixels.
 const WIDTH: u32 = 1000;
@@ -234,15 +234,16 @@ fn draw_panel(root: &Area<'_>, area: &Area<'_>, panel: &[Pair<'_>]) -> anyhow::R
             .into_font()
             .color(&colour)
             .pos(Pos::new(HPos::Right, VPos::Top));
-        root.draw(&Text::new(
+        let said = if pair.row.target == REFERENCE {
+            format!("ratio {}: a reference, no target", pair.row.ratio)
+        } else {
             format!(
                 "ratio {}, target {}: {verdict}",
                 pair.row.ratio, pair.row.target
-            ),
-            (x - 10, y + 3),
-            ratio,
-        ))
-        .map_err(draw_error)?;
+            )
+        };
+        root.draw(&Text::new(said, (x - 10, y + 3), ratio))
+            .map_err(draw_error)?;
     }
     Ok(())
 }
@@ -312,5 +313,20 @@ mod tests {
         }
         assert!(!svg.contains("p50 / p99") && !svg.contains("peak RSS"));
         assert_eq!(render(&[Row::peak_rss(1.0, true)], "").unwrap(), None);
+    }
+
+    #[test]
+    fn a_reference_row_is_drawn_with_its_ratio_and_no_verdict() {
+        let rows = [Row::reference(
+            "3 floor", 12_000.0, 15_000.0, 20_000.0, "raw",
+        )];
+        let svg = render(&rows, "m").unwrap().unwrap();
+        for text in [
+            "ratio 0.80: a reference, no target",
+            "15,000/s least forwarder (0.75 of raw)",
+        ] {
+            assert!(svg.contains(text), "{text} missing");
+        }
+        assert!(!svg.contains("not judged") && !svg.contains("not met"));
     }
 }

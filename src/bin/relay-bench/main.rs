@@ -6,6 +6,7 @@
 
 mod amqp;
 mod chart;
+mod floor;
 mod load;
 mod mock;
 mod process;
@@ -116,6 +117,11 @@ struct Args {
     /// [default: target/relay-bench/chart.svg; smoke: target/relay-bench/chart-smoke.svg].
     #[arg(long, value_name = "PATH")]
     chart: Option<PathBuf>,
+
+    /// Serve as the floor forwarder (`floor.rs`) instead of measuring: how the
+    /// benchmark starts its own floor process.
+    #[arg(long, hide = true)]
+    serve_floor: bool,
 }
 
 /// How the downstream of scenario 2 fails every attempt.
@@ -130,6 +136,15 @@ enum Refusal {
 fn main() -> ExitCode {
     let args = Args::parse();
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
+    if args.serve_floor {
+        return match runtime.block_on(floor::serve(&args.amqp_url)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relay-bench --serve-floor: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(args)) {
         Ok(Outcome::Passed) => ExitCode::SUCCESS,
         Ok(Outcome::Failed) => ExitCode::FAILURE,
@@ -561,22 +576,51 @@ impl Bench {
         load: Load,
         cpu: &mut Vec<(Usage, Usage)>,
     ) -> anyhow::Result<Sent> {
+        self.process_round("relay", relay, key, round, load, cpu)
+            .await
+    }
+
+    /// One measured round of `process` (the relay, or the floor forwarder: `what`)
+    /// receiving `load`, with its CPU and the machine's watched.
+    async fn process_round(
+        &self,
+        what: &str,
+        process: &RelayProcess,
+        key: &str,
+        round: usize,
+        load: Load,
+        cpu: &mut Vec<(Usage, Usage)>,
+    ) -> anyhow::Result<Sent> {
         let n = load.count;
-        let before = relay.sample()?;
+        let before = process.sample()?;
         let watch = CpuWatch::start();
         let sent = load::run(load).await;
         let seen = watch.finish(n);
         self.note_broker(key, &seen);
-        cpu.push((before, relay.sample()?));
-        check_sent("relay", &sent, n)?;
+        let after = process.sample()?;
+        cpu.push((before, after));
+        check_sent(what, &sent, n)?;
+        let label = format!("{what}:");
         eprintln!(
-            "  round {round} relay:    {}/s, p50 {:.2} ms, p99 {:.2} ms, slowest {:.0} ms; {seen}",
+            "  round {round} {label:<9} {}/s, p50 {:.2} ms, p99 {:.2} ms, slowest {:.0} ms, {what} CPU s/10k {:.2}; {seen}",
             report::thousands(sent.rate()),
             sent.latency_ms(0.5),
             sent.latency_ms(0.99),
-            sent.latency_ms(1.0)
+            sent.latency_ms(1.0),
+            (after.cpu_secs - before.cpu_secs) / n.max(1) as f64 * 10_000.0
         );
         Ok(sent)
+    }
+
+    /// Starts the floor forwarder (this binary with `--serve-floor`, see `floor.rs`)
+    /// with `env` and waits until it answers.
+    async fn start_floor(&self, env: &[(&'static str, String)]) -> anyhow::Result<RelayProcess> {
+        let me = std::env::current_exe().context("locating this binary")?;
+        let mut env = env.to_vec();
+        env.push(("AMQP_URL", self.args.amqp_url.clone()));
+        let mut floor = RelayProcess::spawn(&me, "--serve-floor", &env)?;
+        floor.wait_ready(&self.http).await?;
+        Ok(floor)
     }
 
     /// Scenario 1: inline delivery to a healthy downstream, against the load generator
@@ -585,9 +629,17 @@ impl Bench {
         eprintln!("scenario 1: inline, downstream healthy");
         let n = self.events;
         let ids = (n + self.paced_events) * self.rounds;
-        let (tag_d, tag) = (format!("{prefix}d"), format!("{prefix}r"));
+        let (tag_d, tag, tag_f) = (
+            format!("{prefix}d"),
+            format!("{prefix}r"),
+            format!("{prefix}f"),
+        );
         let direct_mock = Mock::start(StatusCode::OK, &tag_d, ids).await?;
         let relay_mock = Mock::start(StatusCode::OK, &tag, ids).await?;
+        let floor_mock = Mock::start(StatusCode::OK, &tag_f, n * self.rounds).await?;
+        let floor = self
+            .start_floor(&[("DOWNSTREAM_URL", floor_mock.url())])
+            .await?;
         let relay = self
             .start_relay(
                 "receiver",
@@ -608,6 +660,7 @@ impl Bench {
         };
         let (mut direct, mut through, mut cpu) = (Rounds::default(), Rounds::default(), vec![]);
         let (mut direct_paced, mut through_paced) = (Rounds::default(), Rounds::default());
+        let (mut least, mut floor_cpu) = (Rounds::default(), vec![]);
         for round in 0..self.rounds {
             let watch = CpuWatch::start();
             let direct_load = self.load(
@@ -628,6 +681,19 @@ impl Bench {
                 sent.latency_ms(0.99)
             );
             direct.push(&sent);
+            let load = self.load(
+                self.batch(),
+                floor.url(RECEIVE),
+                &tag_f,
+                round,
+                true,
+                delivered,
+            );
+            least.push(
+                &self
+                    .process_round("floor", &floor, "1 floor", round, load, &mut floor_cpu)
+                    .await?,
+            );
             let load = self.load(
                 self.batch(),
                 relay.url(RECEIVE),
@@ -674,8 +740,10 @@ impl Bench {
             }
         }
         relay.stop(Duration::from_secs(15)).await?;
+        floor.stop(Duration::from_secs(15)).await?;
         check_tally("direct: downstream", direct_mock.tally())?;
         check_tally("relay: downstream", relay_mock.tally())?;
+        check_tally("floor: downstream", floor_mock.tally())?;
         self.expect_counts(prefix, &[]).await?;
         let res = Resources::from_samples(&cpu, n * self.rounds);
         Ok(vec![
@@ -687,6 +755,13 @@ impl Bench {
                 0.40,
                 self.judged(),
                 Some(res),
+            ),
+            Row::reference(
+                "1 inline, the least a forwarder does",
+                through.rate(),
+                least.rate(),
+                direct.rate(),
+                "direct",
             ),
             Row::latency(
                 "1 inline, healthy: p50 / p99, saturated",
@@ -813,12 +888,27 @@ impl Bench {
         let total = batch.events * self.rounds;
         let tag = format!("{prefix}r");
         let (key_relay, key_raw) = (format!("{number} relay"), format!("{number} raw"));
+        let (tag_f, key_floor) = (format!("{prefix}f"), format!("{number} floor"));
         let relay = self
             .start_relay("receiver", prefix, &[("INLINE_DELIVERY", "false".into())])
             .await?;
+        // The floor publishes what the raw publisher does, to a queue like its own.
+        let floor_queue = format!("{prefix}.bench-floor");
+        let channel = self.amqp.create_channel().await?;
+        amqp::declare_quorum(&channel, &floor_queue).await?;
+        let floor = self
+            .start_floor(&[("FLOOR_QUEUE", floor_queue.clone())])
+            .await?;
         let (mut raw, mut through, mut cpu) = (vec![], Rounds::default(), vec![]);
+        let (mut least, mut floor_cpu) = (Rounds::default(), vec![]);
         for round in 0..self.rounds {
             raw.push(self.raw_publisher(&key_raw, prefix, round, batch).await?);
+            let load = self.load(batch, floor.url(RECEIVE), &tag_f, round, true, QUEUED);
+            least.push(
+                &self
+                    .process_round("floor", &floor, &key_floor, round, load, &mut floor_cpu)
+                    .await?,
+            );
             let load = self.load(batch, relay.url(RECEIVE), &tag, round, false, QUEUED);
             through.push(
                 &self
@@ -827,6 +917,7 @@ impl Bench {
             );
         }
         relay.stop(Duration::from_secs(15)).await?;
+        floor.stop(Duration::from_secs(15)).await?;
         let work = Self::topology(prefix).work;
         self.expect_counts(prefix, &[(work.as_str(), total)])
             .await?;
@@ -834,6 +925,10 @@ impl Bench {
             amqp::header_u64(p, envelope::H_ATTEMPTS) == Some(0)
         })
         .await?;
+        self.verify_queued(&tag_f, &floor_queue, total, |_| true)
+            .await?;
+        amqp::delete_queue(&channel, &floor_queue).await?;
+        let _ = channel.close(200, "floor checked".into()).await;
         Ok(vec![
             Row::rate(
                 name,
@@ -845,6 +940,17 @@ impl Bench {
                 Some(Resources::from_samples(&cpu, total)),
             )
             .with_broker_cpu(self.broker(&key_relay), self.broker(&key_raw)),
+            Row::reference(
+                &format!(
+                    "{}, the least a forwarder does",
+                    name.split(',').next().unwrap_or(name)
+                ),
+                through.rate(),
+                least.rate(),
+                median(&raw),
+                "raw publisher",
+            )
+            .with_broker_cpu(self.broker(&key_relay), self.broker(&key_floor)),
         ])
     }
 
@@ -1269,6 +1375,7 @@ impl Bench {
         names.sort();
         names.dedup();
         names.push(format!("{prefix}.bench-raw"));
+        names.push(format!("{prefix}.bench-floor"));
         for name in names {
             // A fresh channel each time: a failed delete closes its channel.
             if let Ok(ch) = self.amqp.create_channel().await {

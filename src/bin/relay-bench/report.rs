@@ -3,6 +3,9 @@
 
 use crate::process::Usage;
 
+/// The target of a reference row ([`Row::reference`]): none.
+pub const REFERENCE: &str = "reference";
+
 /// Peak RSS allowed in every scenario.
 pub const RSS_LIMIT_MB: f64 = 64.0;
 
@@ -77,6 +80,34 @@ impl Row {
             cpu_per_10k: res.map(|r| r.cpu_per_10k),
             broker_cpu: String::new(),
             rates: Some((relay, baseline)),
+        }
+    }
+
+    /// A reference row, judged against no target: the relay's rate beside the floor
+    /// forwarder's (`floor.rs`, the least any forwarder does on this machine), and the
+    /// floor's own ratio to the scenario's `baseline`: the most a relay could reach.
+    pub fn reference(
+        scenario: &str,
+        relay: f64,
+        floor: f64,
+        baseline: f64,
+        baseline_what: &str,
+    ) -> Self {
+        Self {
+            scenario: scenario.to_owned(),
+            relay: format!("{}/s", thousands(relay)),
+            baseline: format!(
+                "{}/s least forwarder ({:.2} of {baseline_what})",
+                thousands(floor),
+                floor / baseline.max(1e-9)
+            ),
+            ratio: format!("{:.2}", relay / floor.max(1e-9)),
+            target: REFERENCE.to_owned(),
+            met: None,
+            rss_mb: None,
+            cpu_per_10k: None,
+            broker_cpu: String::new(),
+            rates: Some((relay, floor)),
         }
     }
 
@@ -281,6 +312,11 @@ mod tests {
         let r = Row::rate("s", 690.0, 1000.0, "raw", 0.7, true, None);
         assert_eq!(r.met, Some(false));
         assert_eq!(Row::rate("s", 1.0, 2.0, "raw", 0.7, false, None).met, None);
+        // A reference row is never judged: it says what the floor reached.
+        let f = Row::reference("s", 800.0, 1000.0, 1250.0, "raw");
+        assert_eq!((f.met, f.ratio.as_str()), (None, "0.80"));
+        assert_eq!(f.baseline, "1,000/s least forwarder (0.80 of raw)");
+        assert_eq!(f.rates, Some((800.0, 1000.0)));
         let l = Row::latency("s", (1.0, 5.0), (0.5, 3.0), 2.0, true);
         assert_eq!(l.met, Some(true));
         let l = Row::latency("s", (1.0, 5.1), (0.5, 3.0), 2.0, true);

@@ -1,0 +1,166 @@
+//! The least a forwarder can do per event, run beside the relay as a child process of
+//! this binary (`relay-bench --serve-floor`): HTTP/1.1 in, then either one persistent,
+//! mandatory, confirmed publish of the body to a queue (the raw publisher's message)
+//! or one POST of it to the downstream on a pooled connection, then the relay's
+//! answer. No checks, no envelope, no limits, no metrics, no logs.
+//!
+//! It is the reference for what the HTTP hop alone costs on this machine, where the
+//! load generator, the broker and the forwarder share the cores: the relay's ratio
+//! can reach the floor's and no further, so a target above the floor's ratio is out
+//! of any relay's reach here (README, Performance).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{self, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, Connection};
+
+use crate::amqp;
+
+/// Where the floor sends each event.
+enum Onward {
+    /// Publishes to this queue (through the default exchange) and answers `queued`.
+    Queue {
+        /// Held open while the floor serves.
+        _connection: Connection,
+        channel: Channel,
+        queue: String,
+    },
+    /// POSTs to this URL and answers `delivered`.
+    Downstream {
+        client: legacy::Client<HttpConnector, Full<Bytes>>,
+        url: http::Uri,
+    },
+}
+
+/// Serves until SIGTERM: `LISTEN_ADDR`, and `FLOOR_QUEUE` (with `AMQP_URL`) or
+/// `DOWNSTREAM_URL`, from the environment. Exits 0 on SIGTERM, as the relay does.
+pub async fn serve(amqp_url: &str) -> anyhow::Result<()> {
+    let var = |k: &str| std::env::var(k).with_context(|| format!("{k} is set"));
+    let onward = match (
+        std::env::var("FLOOR_QUEUE"),
+        std::env::var("DOWNSTREAM_URL"),
+    ) {
+        (Ok(queue), _) => {
+            let connection = amqp::connect(amqp_url).await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions { nowait: false })
+                .await?;
+            Onward::Queue {
+                _connection: connection,
+                channel,
+                queue,
+            }
+        }
+        (_, Ok(url)) => {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            Onward::Downstream {
+                client: legacy::Client::builder(TokioExecutor::new()).build(connector),
+                url: url.parse().context("DOWNSTREAM_URL is a URI")?,
+            }
+        }
+        _ => bail!("FLOOR_QUEUE or DOWNSTREAM_URL must be set"),
+    };
+    let onward = Arc::new(onward);
+    let listener = tokio::net::TcpListener::bind(var("LISTEN_ADDR")?).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted?.0,
+            _ = term.recv() => return Ok(()),
+        };
+        stream.set_nodelay(true)?;
+        let onward = onward.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let onward = onward.clone();
+                async move { Ok::<_, Infallible>(answer(&onward, request).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Forwards one request and answers as the relay would; 502 when it could not.
+async fn answer(onward: &Onward, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.uri().path() == "/readyz" {
+        return Response::new(Full::default());
+    }
+    // The load generator sends the event id as `Idempotency-Key` to the floor.
+    let id = request
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let Ok(body) = request.into_body().collect().await else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let body = body.to_bytes();
+    let (code, word) = match onward {
+        Onward::Queue { channel, queue, .. } => {
+            let confirm = async {
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true, // unroutable must fail, as in the relay
+                            immediate: false,
+                        },
+                        &body,
+                        amqp::raw_properties(&id),
+                    )
+                    .await?
+                    .await
+            };
+            match confirm.await {
+                Ok(Confirmation::Ack(None)) => (StatusCode::ACCEPTED, "queued"),
+                _ => return status(StatusCode::BAD_GATEWAY),
+            }
+        }
+        Onward::Downstream { client, url } => {
+            let mut forward = Request::new(Full::new(body));
+            *forward.method_mut() = http::Method::POST;
+            *forward.uri_mut() = url.clone();
+            let headers = forward.headers_mut();
+            headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+            if let Ok(v) = id.parse() {
+                headers.insert("idempotency-key", v);
+            }
+            match client.request(forward).await {
+                Ok(r) if r.status().is_success() => {
+                    let _ = r.into_body().collect().await;
+                    (StatusCode::OK, "delivered")
+                }
+                _ => return status(StatusCode::BAD_GATEWAY),
+            }
+        }
+    };
+    let json = format!(r#"{{"status":"{word}","id":"{id}"}}"#);
+    let mut response = Response::new(Full::new(Bytes::from(json)));
+    *response.status_mut() = code;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+    response
+}
+
+fn status(code: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::default());
+    *response.status_mut() = code;
+    response
+}
