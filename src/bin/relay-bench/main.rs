@@ -686,7 +686,7 @@ impl Bench {
                 floor.url(RECEIVE),
                 &tag_f,
                 round,
-                true,
+                false,
                 delivered,
             );
             least.push(
@@ -903,7 +903,7 @@ impl Bench {
         let (mut least, mut floor_cpu) = (Rounds::default(), vec![]);
         for round in 0..self.rounds {
             raw.push(self.raw_publisher(&key_raw, prefix, round, batch).await?);
-            let load = self.load(batch, floor.url(RECEIVE), &tag_f, round, true, QUEUED);
+            let load = self.load(batch, floor.url(RECEIVE), &tag_f, round, false, QUEUED);
             least.push(
                 &self
                     .process_round("floor", &floor, &key_floor, round, load, &mut floor_cpu)
