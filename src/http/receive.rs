@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode, Uri, header};
+use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::{Answer, ApiError, auth};
@@ -19,30 +19,26 @@ use crate::relay::{Relay, Settled};
 
 type Answered = Result<(StatusCode, Json<Answer>), ApiError>;
 
+// The handlers take the whole request rather than the `HeaderMap` and `Uri`
+// extractors, which clone what the request already owns.
+
 /// `POST /webhook/receive`: the prototype's path.
-pub async fn receive_default(
-    State(relay): State<Arc<Relay>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Answered {
-    let answered = receive(&relay, None, headers, body).await;
+pub async fn receive_default(State(relay): State<Arc<Relay>>, request: Request) -> Answered {
+    let (parts, body) = request.into_parts();
+    let answered = receive(&relay, None, parts.headers, body).await;
     counted("/webhook/receive", answered)
 }
 
 /// `POST /webhooks/{name}`: the name becomes the webhook name.
-pub async fn receive_named(
-    State(relay): State<Arc<Relay>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Answered {
+pub async fn receive_named(State(relay): State<Arc<Relay>>, request: Request) -> Answered {
+    let (parts, body) = request.into_parts();
     // Read from the raw path and decoded leniently: a name that does not decode to
     // UTF-8 (`%FF`) is still a name, never a reason to refuse the event.
-    let segment = uri.path().rsplit('/').next().unwrap_or_default();
+    let segment = parts.uri.path().rsplit('/').next().unwrap_or_default();
     let name = percent_encoding::percent_decode_str(segment)
         .decode_utf8_lossy()
         .into_owned();
-    let answered = receive(&relay, Some(name), headers, body).await;
+    let answered = receive(&relay, Some(name), parts.headers, body).await;
     counted("/webhooks/{name}", answered)
 }
 
