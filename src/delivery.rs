@@ -435,14 +435,7 @@ impl Transport {
                 *request.headers_mut() = headers;
                 let response = match tokio::time::timeout(timeout, client.request(request)).await {
                     Err(_) => return Err(NoAnswer::timed_out()),
-                    Ok(Err(e)) => {
-                        return Err(NoAnswer {
-                            timed_out: false,
-                            refused: is_connection_refused(&e),
-                            connect: e.is_connect(),
-                            text: crate::error_chain(&e),
-                        });
-                    }
+                    Ok(Err(e)) => return Err(NoAnswer::failed(&e, e.is_connect())),
                     Ok(Ok(response)) => response,
                 };
                 let (head, mut body) = response.into_parts();
@@ -471,12 +464,7 @@ impl Transport {
                     Err(e) => {
                         // The URL may carry credentials; the error text goes to logs and headers.
                         let e = e.without_url();
-                        Err(NoAnswer {
-                            timed_out: false,
-                            refused: is_connection_refused(&e),
-                            connect: e.is_connect(),
-                            text: crate::error_chain(&e),
-                        })
+                        Err(NoAnswer::failed(&e, e.is_connect()))
                     }
                 }
             }
@@ -485,6 +473,16 @@ impl Transport {
 }
 
 impl NoAnswer {
+    /// The attempt failed with `e`, `connect` when it failed while connecting.
+    fn failed(e: &(dyn std::error::Error + 'static), connect: bool) -> Self {
+        Self {
+            timed_out: false,
+            refused: is_connection_refused(e),
+            connect,
+            text: crate::error_chain(e),
+        }
+    }
+
     fn timed_out() -> Self {
         Self {
             timed_out: true,

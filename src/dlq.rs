@@ -914,7 +914,7 @@ impl Walk<'_> {
             on_match(&entry);
         }
         let tag = delivery.delivery_tag;
-        let span = tracing::info_span!("event", event_id = %entry.id, webhook = %entry.webhook);
+        let span = crate::telemetry::event_span(&entry.id, &entry.webhook);
         let published = match (selected, self.op.action) {
             (true, Action::Purge) => {
                 match self
@@ -1006,7 +1006,7 @@ impl Walk<'_> {
         webhook: &str,
         confirmed: Result<(), PublishError>,
     ) {
-        let span = tracing::info_span!("event", event_id = %id, webhook = %webhook);
+        let span = crate::telemetry::event_span(id, webhook);
         if let Err(e) = confirmed {
             self.hold(tag);
             self.fail(moved, &span, e);

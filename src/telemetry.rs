@@ -8,6 +8,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// The `event` span: every line about one event is inside it, so it carries the
+/// event id and webhook name (README, Logs). Its fields are formatted when it is made.
+pub fn event_span(event_id: &str, webhook: &str) -> tracing::Span {
+    tracing::info_span!("event", event_id = %event_id, webhook = %webhook)
+}
+
 /// Installs the global subscriber; call once, from `main`.
 pub fn init(format: LogFormat) {
     init_with_default(format, "info");

@@ -189,7 +189,7 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
         // Broker trouble is logged once per episode by the broker, not once per request.
         // The event's span is made only here, not for every request: the log layer
         // formats a span's fields when it is created.
-        tracing::info_span!("event", event_id = %id, webhook = %event_webhook)
+        crate::telemetry::event_span(&id, &event_webhook)
             .in_scope(|| tracing::debug!(error = %e, "answering 503: event not stored"));
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

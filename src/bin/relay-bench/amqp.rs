@@ -99,6 +99,34 @@ pub fn raw_properties(id: &str) -> BasicProperties {
         .with_content_type("application/json".into())
 }
 
+/// Publishes one message, mandatory as the relay does; `Ok` only when the broker acked
+/// it without returning it, i.e. a queue holds it.
+pub async fn publish_stored(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> anyhow::Result<()> {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true, // unroutable must fail, as in the relay
+                immediate: false,
+            },
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        other => bail!("not stored: {other:?}"),
+    }
+}
+
 /// Publishes `count` messages made by `make(n)` with `window` publishes awaiting their
 /// confirm at any time: persistent, mandatory, confirmed, as the relay publishes.
 /// Returns the wall time; fails unless every publish was acked without a return.
@@ -131,23 +159,9 @@ where
                         return Ok::<_, anyhow::Error>(());
                     }
                     let (body, properties) = make(n);
-                    let confirm = channel
-                        .basic_publish(
-                            exchange.as_str().into(),
-                            routing_key.as_str().into(),
-                            BasicPublishOptions {
-                                mandatory: true, // unroutable must fail, as in the relay
-                                immediate: false,
-                            },
-                            &body,
-                            properties,
-                        )
-                        .await?
-                        .await?;
-                    match confirm {
-                        Confirmation::Ack(None) => {}
-                        other => bail!("publish {n} not stored: {other:?}"),
-                    }
+                    publish_stored(&channel, &exchange, &routing_key, &body, properties)
+                        .await
+                        .with_context(|| format!("publish {n}"))?;
                 }
             })
         })

@@ -21,8 +21,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::{self, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Channel, Confirmation, Connection};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection};
 
 use crate::amqp;
 
@@ -108,24 +108,9 @@ async fn answer(onward: &Onward, request: Request<Incoming>) -> Response<Full<By
     };
     let (code, word) = match onward {
         Onward::Queue { channel, queue, .. } => {
-            let confirm = async {
-                channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true, // unroutable must fail, as in the relay
-                            immediate: false,
-                        },
-                        &body,
-                        amqp::raw_properties(&id),
-                    )
-                    .await?
-                    .await
-            };
-            match confirm.await {
-                Ok(Confirmation::Ack(None)) => (StatusCode::ACCEPTED, "queued"),
-                _ => return status(StatusCode::BAD_GATEWAY),
+            match amqp::publish_stored(channel, "", queue, &body, amqp::raw_properties(&id)).await {
+                Ok(()) => (StatusCode::ACCEPTED, "queued"),
+                Err(_) => return status(StatusCode::BAD_GATEWAY),
             }
         }
         Onward::Downstream { client, url } => {

@@ -566,23 +566,9 @@ impl Bench {
         }
     }
 
-    /// One measured round of the relay receiving `load` (aimed at its receive endpoint),
-    /// with its CPU and the machine's watched.
-    async fn relay_round(
-        &self,
-        relay: &RelayProcess,
-        key: &str,
-        round: usize,
-        load: Load,
-        cpu: &mut Vec<(Usage, Usage)>,
-    ) -> anyhow::Result<Sent> {
-        self.process_round("relay", relay, key, round, load, cpu)
-            .await
-    }
-
     /// One measured round of `process` (the relay, or the floor forwarder: `what`)
     /// receiving `load`, with its CPU and the machine's watched.
-    async fn process_round(
+    async fn measured_round(
         &self,
         what: &str,
         process: &RelayProcess,
@@ -691,7 +677,7 @@ impl Bench {
             );
             least.push(
                 &self
-                    .process_round("floor", &floor, "1 floor", round, load, &mut floor_cpu)
+                    .measured_round("floor", &floor, "1 floor", round, load, &mut floor_cpu)
                     .await?,
             );
             let load = self.load(
@@ -704,7 +690,7 @@ impl Bench {
             );
             through.push(
                 &self
-                    .relay_round(&relay, "1 relay", round, load, &mut cpu)
+                    .measured_round("relay", &relay, "1 relay", round, load, &mut cpu)
                     .await?,
             );
             for (what, url, tag, id_header, expect, into) in [
@@ -824,7 +810,7 @@ impl Bench {
             let load = self.load(self.batch(), relay.url(RECEIVE), &tag, round, false, expect);
             through.push(
                 &self
-                    .relay_round(&relay, "2 relay", round, load, &mut cpu)
+                    .measured_round("relay", &relay, "2 relay", round, load, &mut cpu)
                     .await?,
             );
         }
@@ -906,13 +892,13 @@ impl Bench {
             let load = self.load(batch, floor.url(RECEIVE), &tag_f, round, false, QUEUED);
             least.push(
                 &self
-                    .process_round("floor", &floor, &key_floor, round, load, &mut floor_cpu)
+                    .measured_round("floor", &floor, &key_floor, round, load, &mut floor_cpu)
                     .await?,
             );
             let load = self.load(batch, relay.url(RECEIVE), &tag, round, false, QUEUED);
             through.push(
                 &self
-                    .relay_round(&relay, &key_relay, round, load, &mut cpu)
+                    .measured_round("relay", &relay, &key_relay, round, load, &mut cpu)
                     .await?,
             );
         }
