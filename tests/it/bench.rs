@@ -4,10 +4,11 @@
 use std::process::Command;
 use std::time::Duration;
 
+use lapin::{Connection, ConnectionProperties};
 use webhook_relay::broker::Topology;
 use webhook_relay::retry::Ladder;
 
-use crate::common::{amqp_url, delete_topology_blocking, queue_exists};
+use crate::common::{amqp_url, delete_topology_blocking, exchange_exists, queue_exists};
 
 /// Runs `relay-bench --smoke --only 3` with `relay` as the relay binary.
 fn smoke_queue_first(relay: &str) -> (i32, String) {
@@ -109,8 +110,18 @@ fn an_interrupted_run_stops_its_relay_and_deletes_what_it_declared() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    // Mid-load.
-    std::thread::sleep(Duration::from_secs(1));
+    // Mid-load: the raw publisher publishing (its round comes first). A publish
+    // dropped half-written breaks the benchmark's own connection, so what it declared
+    // must be deleted over another.
+    let raw = format!("{prefix}.bench-raw");
+    while !rt.block_on(queue_exists(&raw)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the raw publisher of scenario 3 did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
     assert!(kill("-INT", bench.id()), "SIGINT could not be sent");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -132,14 +143,22 @@ fn an_interrupted_run_stops_its_relay_and_deletes_what_it_declared() {
         kill("-KILL", relay_pid);
     }
     let topology = bench_topology(&prefix);
-    let left: Vec<String> = topology
+    // The relay's topology, and what the benchmark declares itself: the raw
+    // publisher's and the floors' queues.
+    let own = ["bench-raw", "bench-floor", "bench-floor-envelope"].map(|q| format!("{prefix}.{q}"));
+    let mut left: Vec<String> = topology
         .queues()
         .into_iter()
         .map(|q| q.name)
+        .chain(own.iter().cloned())
         .filter(|q| rt.block_on(queue_exists(q)))
         .collect();
+    if rt.block_on(exchange_exists(&topology.work)) {
+        left.push(format!("exchange {}", topology.work));
+    }
     if !left.is_empty() {
         delete_topology_blocking(topology);
+        rt.block_on(delete_queues(&own));
     }
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -148,6 +167,19 @@ fn an_interrupted_run_stops_its_relay_and_deletes_what_it_declared() {
     assert!(!relay_alive, "its relay outlived it:\n{output}");
     assert!(left.is_empty(), "left behind: {left:?}\n{output}");
     assert!(output.contains("SIGINT during scenario 3"), "{output}");
+}
+
+/// Deletes `queues`, as far as the broker lets it.
+async fn delete_queues(queues: &[String]) {
+    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
+        return;
+    };
+    for q in queues {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+    }
+    let _ = conn.close(200, "test teardown".into()).await;
 }
 
 /// The topology the benchmark's relays declare for `prefix`: its ladder is

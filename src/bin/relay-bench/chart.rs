@@ -318,7 +318,12 @@ mod tests {
     #[test]
     fn a_reference_row_is_drawn_with_its_ratio_and_no_verdict() {
         let rows = [Row::reference(
-            "3 floor", 12_000.0, 15_000.0, 20_000.0, "raw",
+            "3 floor",
+            12_000.0,
+            15_000.0,
+            crate::report::FLOOR,
+            20_000.0,
+            "raw",
         )];
         let svg = render(&rows, "m").unwrap().unwrap();
         for text in [

@@ -2,7 +2,10 @@
 //! this binary (`relay-bench --serve-floor`): HTTP/1.1 in, then either one persistent,
 //! mandatory, confirmed publish of the body to a queue (the raw publisher's message)
 //! or one POST of it to the downstream on a pooled connection, then the relay's
-//! answer. No checks, no envelope, no limits, no metrics, no logs.
+//! answer. No checks, no envelope, no limits, no metrics, no logs. With
+//! `FLOOR_ENVELOPE=true` its message carries the relay's envelope instead of the raw
+//! publisher's bare properties (SPEC §2: the attempt count, first-received time,
+//! webhook name and forwarded request headers), the least a forwarder must store.
 //!
 //! It is the reference for what the HTTP hop alone costs on this machine, where the
 //! load generator, the broker and the forwarder share the cores: the relay's ratio
@@ -24,6 +27,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 
+use webhook_relay::envelope::Envelope;
+use webhook_relay::event;
+
 use crate::amqp;
 
 /// Where the floor sends each event.
@@ -34,6 +40,8 @@ enum Onward {
         _connection: Connection,
         channel: Channel,
         queue: String,
+        /// Publishes the relay's envelope rather than bare properties.
+        envelope: bool,
     },
     /// POSTs to this URL and answers `delivered`.
     Downstream {
@@ -42,8 +50,9 @@ enum Onward {
     },
 }
 
-/// Serves until SIGTERM: `LISTEN_ADDR`, and `FLOOR_QUEUE` (with `AMQP_URL`) or
-/// `DOWNSTREAM_URL`, from the environment. Exits 0 on SIGTERM, as the relay does.
+/// Serves until SIGTERM: `LISTEN_ADDR`, and `FLOOR_QUEUE` (with `AMQP_URL`, and
+/// optionally `FLOOR_ENVELOPE=true`) or `DOWNSTREAM_URL`, from the environment. Exits
+/// 0 on SIGTERM, as the relay does.
 pub async fn serve(amqp_url: &str) -> anyhow::Result<()> {
     let var = |k: &str| std::env::var(k).with_context(|| format!("{k} is set"));
     let onward = match (
@@ -60,6 +69,7 @@ pub async fn serve(amqp_url: &str) -> anyhow::Result<()> {
                 _connection: connection,
                 channel,
                 queue,
+                envelope: std::env::var("FLOOR_ENVELOPE").is_ok_and(|v| v == "true"),
             }
         }
         (_, Ok(url)) => {
@@ -99,7 +109,8 @@ async fn answer(onward: &Onward, request: Request<Incoming>) -> Response<Full<By
     if request.uri().path() == "/readyz" {
         return Response::new(Full::default());
     }
-    let Ok(body) = request.into_body().collect().await else {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = body.collect().await else {
         return status(StatusCode::BAD_REQUEST);
     };
     let body = body.to_bytes();
@@ -107,8 +118,27 @@ async fn answer(onward: &Onward, request: Request<Incoming>) -> Response<Full<By
         return status(StatusCode::BAD_REQUEST);
     };
     let (code, word) = match onward {
-        Onward::Queue { channel, queue, .. } => {
-            match amqp::publish_stored(channel, "", queue, &body, amqp::raw_properties(&id)).await {
+        Onward::Queue {
+            channel,
+            queue,
+            envelope,
+            ..
+        } => {
+            let properties = if *envelope {
+                // What the relay stores for a new event, made as the relay makes it;
+                // the webhook name from the header only (the body is not parsed).
+                Envelope::received(
+                    id.clone(),
+                    event::webhook_name(None, &parts.headers, None),
+                    Some("application/json"),
+                    event::forwarded_headers(&parts.headers, None, None),
+                    Bytes::new(),
+                )
+                .properties()
+            } else {
+                amqp::raw_properties(&id)
+            };
+            match amqp::publish_stored(channel, "", queue, &body, properties).await {
                 Ok(()) => (StatusCode::ACCEPTED, "queued"),
                 Err(_) => return status(StatusCode::BAD_GATEWAY),
             }

@@ -32,7 +32,7 @@ use webhook_relay::retry::Ladder;
 use load::{Expect, Load, Sent};
 use mock::Mock;
 use process::{CpuSeen, CpuWatch, RelayProcess, Usage};
-use report::{Resources, Row, median};
+use report::{FLOOR, FLOOR_ENVELOPE, Resources, Row, median};
 use tally::{Tally, event_id};
 
 /// Backoff the relay runs with here: the first retry level holds events for 10 min, far
@@ -369,6 +369,49 @@ struct Batch {
     events: usize,
     /// Request body size in bytes.
     size: usize,
+}
+
+/// A floor forwarder of a queue-first scenario (`floor.rs`): what it stores, where,
+/// and how its events and figures are told apart from the others'.
+struct Floor {
+    /// Stores the relay's envelope instead of bare properties.
+    envelope: bool,
+    /// Its queue, declared and deleted by the scenario.
+    queue: String,
+    /// The id tag of its events.
+    tag: String,
+    /// Keys its broker CPU figures.
+    key: String,
+    /// Its row's name after the scenario's.
+    scenario: &'static str,
+    /// What its baseline column calls it.
+    what: &'static str,
+}
+
+impl Floor {
+    /// The least a forwarder does: bare messages, as the raw publisher's.
+    fn bare(prefix: &str, number: u8) -> Self {
+        Self {
+            envelope: false,
+            queue: format!("{prefix}.bench-floor"),
+            tag: format!("{prefix}f"),
+            key: format!("{number} floor"),
+            scenario: "the least a forwarder does",
+            what: FLOOR,
+        }
+    }
+
+    /// The same, storing the relay's envelope (SPEC §2).
+    fn enveloped(prefix: &str, number: u8) -> Self {
+        Self {
+            envelope: true,
+            queue: format!("{prefix}.bench-floor-envelope"),
+            tag: format!("{prefix}e"),
+            key: format!("{number} floor envelope"),
+            scenario: "least forwarder + envelope",
+            what: FLOOR_ENVELOPE,
+        }
+    }
 }
 
 /// Shared state of a run.
@@ -746,6 +789,7 @@ impl Bench {
                 "1 inline, the least a forwarder does",
                 through.rate(),
                 least.rate(),
+                FLOOR,
                 direct.rate(),
                 "direct",
             ),
@@ -861,9 +905,11 @@ impl Bench {
         self.queue_first_of(prefix, 6, &name, batch).await
     }
 
-    /// Queue-first intake of `batch` per round, relay and raw publisher alternating;
-    /// then `P.work` must hold every event of every round exactly once, not yet
-    /// attempted. `number` keys the scenario's broker CPU figures.
+    /// Queue-first intake of `batch` per round, relay, raw publisher and floors
+    /// alternating; then `P.work` must hold every event of every round exactly once,
+    /// not yet attempted, and each floor's queue every event it took. `number` keys the
+    /// scenario's broker CPU figures. Scenario 3 also runs the floor storing the
+    /// relay's envelope: the least a forwarder that keeps SPEC §2 does.
     async fn queue_first_of(
         &self,
         prefix: &str,
@@ -874,27 +920,35 @@ impl Bench {
         let total = batch.events * self.rounds;
         let tag = format!("{prefix}r");
         let (key_relay, key_raw) = (format!("{number} relay"), format!("{number} raw"));
-        let (tag_f, key_floor) = (format!("{prefix}f"), format!("{number} floor"));
         let relay = self
             .start_relay("receiver", prefix, &[("INLINE_DELIVERY", "false".into())])
             .await?;
-        // The floor publishes what the raw publisher does, to a queue like its own.
-        let floor_queue = format!("{prefix}.bench-floor");
         let channel = self.amqp.create_channel().await?;
-        amqp::declare_quorum(&channel, &floor_queue).await?;
-        let floor = self
-            .start_floor(&[("FLOOR_QUEUE", floor_queue.clone())])
-            .await?;
+        let mut floors = vec![Floor::bare(prefix, number)];
+        if number == 3 {
+            floors.push(Floor::enveloped(prefix, number));
+        }
+        let mut running = Vec::new();
+        for f in &floors {
+            // Each floor publishes to a queue like the raw publisher's.
+            amqp::declare_quorum(&channel, &f.queue).await?;
+            let env = [
+                ("FLOOR_QUEUE", f.queue.clone()),
+                ("FLOOR_ENVELOPE", f.envelope.to_string()),
+            ];
+            running.push((self.start_floor(&env).await?, Rounds::default(), vec![]));
+        }
         let (mut raw, mut through, mut cpu) = (vec![], Rounds::default(), vec![]);
-        let (mut least, mut floor_cpu) = (Rounds::default(), vec![]);
         for round in 0..self.rounds {
             raw.push(self.raw_publisher(&key_raw, prefix, round, batch).await?);
-            let load = self.load(batch, floor.url(RECEIVE), &tag_f, round, false, QUEUED);
-            least.push(
-                &self
-                    .measured_round("floor", &floor, &key_floor, round, load, &mut floor_cpu)
-                    .await?,
-            );
+            for (f, (process, least, floor_cpu)) in floors.iter().zip(running.iter_mut()) {
+                let load = self.load(batch, process.url(RECEIVE), &f.tag, round, false, QUEUED);
+                least.push(
+                    &self
+                        .measured_round("floor", process, &f.key, round, load, floor_cpu)
+                        .await?,
+                );
+            }
             let load = self.load(batch, relay.url(RECEIVE), &tag, round, false, QUEUED);
             through.push(
                 &self
@@ -903,19 +957,27 @@ impl Bench {
             );
         }
         relay.stop(Duration::from_secs(15)).await?;
-        floor.stop(Duration::from_secs(15)).await?;
+        let mut leasts = Vec::new();
+        for (process, least, _) in running {
+            process.stop(Duration::from_secs(15)).await?;
+            leasts.push(least);
+        }
         let work = Self::topology(prefix).work;
         self.expect_counts(prefix, &[(work.as_str(), total)])
             .await?;
-        self.verify_queued(&tag, &work, total, |p| {
-            amqp::header_u64(p, envelope::H_ATTEMPTS) == Some(0)
-        })
-        .await?;
-        self.verify_queued(&tag_f, &floor_queue, total, |_| true)
+        let not_attempted =
+            |p: &BasicProperties| amqp::header_u64(p, envelope::H_ATTEMPTS) == Some(0);
+        self.verify_queued(&tag, &work, total, not_attempted)
             .await?;
-        amqp::delete_queue(&channel, &floor_queue).await?;
+        for f in &floors {
+            // The enveloped floor's messages must carry the envelope, as the relay's do.
+            self.verify_queued(&f.tag, &f.queue, total, |p| !f.envelope || not_attempted(p))
+                .await?;
+            amqp::delete_queue(&channel, &f.queue).await?;
+        }
         let _ = channel.close(200, "floor checked".into()).await;
-        Ok(vec![
+        let short = name.split(',').next().unwrap_or(name);
+        let mut rows = vec![
             Row::rate(
                 name,
                 through.rate(),
@@ -926,18 +988,21 @@ impl Bench {
                 Some(Resources::from_samples(&cpu, total)),
             )
             .with_broker_cpu(self.broker(&key_relay), self.broker(&key_raw)),
-            Row::reference(
-                &format!(
-                    "{}, the least a forwarder does",
-                    name.split(',').next().unwrap_or(name)
-                ),
-                through.rate(),
-                least.rate(),
-                median(&raw),
-                "raw publisher",
-            )
-            .with_broker_cpu(self.broker(&key_relay), self.broker(&key_floor)),
-        ])
+        ];
+        for (f, least) in floors.iter().zip(&leasts) {
+            rows.push(
+                Row::reference(
+                    &format!("{short}, {}", f.scenario),
+                    through.rate(),
+                    least.rate(),
+                    f.what,
+                    median(&raw),
+                    "raw publisher",
+                )
+                .with_broker_cpu(self.broker(&key_relay), self.broker(&f.key)),
+            );
+        }
+        Ok(rows)
     }
 
     /// The raw lapin publisher: persistent, mandatory, confirmed publishes of `batch`'s
@@ -1347,9 +1412,11 @@ impl Bench {
         Ok(())
     }
 
-    /// Deletes everything the scenario declared (the relay's topology on either ladder
-    /// and the raw baseline's queue), whatever state the scenario ended in, an
-    /// interrupted one included.
+    /// Deletes everything the scenario declared (the relay's topology on either ladder,
+    /// the raw baseline's and the floors' queues), whatever state the scenario ended
+    /// in, an interrupted one included. On a connection of its own: the run's may be
+    /// closing after an interruption (a publish dropped half-written breaks it).
+    /// Says what it could not delete.
     async fn teardown(&self, prefix: &str) {
         let topology = Self::topology(prefix);
         let mut names: Vec<String> = topology
@@ -1361,25 +1428,45 @@ impl Bench {
         names.sort();
         names.dedup();
         names.push(format!("{prefix}.bench-raw"));
-        names.push(format!("{prefix}.bench-floor"));
+        names.push(Floor::bare(prefix, 0).queue);
+        names.push(Floor::enveloped(prefix, 0).queue);
+        let connection = match amqp::connect(&self.args.amqp_url).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("relay-bench: {prefix}.* not deleted: {e:#}");
+                return;
+            }
+        };
+        let mut failed = Vec::new();
         for name in names {
             // A fresh channel each time: a failed delete closes its channel.
-            if let Ok(ch) = self.amqp.create_channel().await {
-                let _ = amqp::delete_queue(&ch, &name).await;
+            let deleted = async {
+                let ch = connection.create_channel().await?;
+                amqp::delete_queue(&ch, &name).await?;
                 let _ = ch.close(200, "teardown".into()).await;
+                anyhow::Ok(())
+            };
+            if let Err(e) = deleted.await {
+                failed.push(format!("queue {name} ({e:#})"));
             }
         }
-        if let Ok(ch) = self.amqp.create_channel().await {
-            let _ = ch
-                .exchange_delete(
-                    topology.work.as_str().into(),
-                    lapin::options::ExchangeDeleteOptions {
-                        if_unused: false,
-                        nowait: false,
-                    },
-                )
-                .await;
+        let deleted = async {
+            let ch = connection.create_channel().await?;
+            let options = lapin::options::ExchangeDeleteOptions {
+                if_unused: false,
+                nowait: false,
+            };
+            ch.exchange_delete(topology.work.as_str().into(), options)
+                .await?;
             let _ = ch.close(200, "teardown".into()).await;
+            anyhow::Ok(())
+        };
+        if let Err(e) = deleted.await {
+            failed.push(format!("exchange {} ({e:#})", topology.work));
+        }
+        let _ = connection.close(200, "teardown".into()).await;
+        if !failed.is_empty() {
+            eprintln!("relay-bench: not deleted: {}", failed.join(", "));
         }
     }
 }

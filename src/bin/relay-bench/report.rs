@@ -6,6 +6,11 @@ use crate::process::Usage;
 /// The target of a reference row ([`Row::reference`]): none.
 pub const REFERENCE: &str = "reference";
 
+/// What a reference row's floor is called: the least a forwarder does (`floor.rs`).
+pub const FLOOR: &str = "least forwarder";
+/// The same floor storing the relay's envelope (SPEC §2) instead of a bare message.
+pub const FLOOR_ENVELOPE: &str = "least forwarder + envelope";
+
 /// Peak RSS allowed in every scenario.
 pub const RSS_LIMIT_MB: f64 = 64.0;
 
@@ -83,13 +88,15 @@ impl Row {
         }
     }
 
-    /// A reference row, judged against no target: the relay's rate beside the floor
-    /// forwarder's (`floor.rs`, the least any forwarder does on this machine), and the
-    /// floor's own ratio to the scenario's `baseline`: the most a relay could reach.
+    /// A reference row, judged against no target: the relay's rate beside a floor
+    /// forwarder's (`floor.rs`, the least any forwarder does on this machine, called
+    /// `floor_what`), and the floor's own ratio to the scenario's `baseline`: the most
+    /// a relay could reach.
     pub fn reference(
         scenario: &str,
         relay: f64,
         floor: f64,
+        floor_what: &str,
         baseline: f64,
         baseline_what: &str,
     ) -> Self {
@@ -97,7 +104,7 @@ impl Row {
             scenario: scenario.to_owned(),
             relay: format!("{}/s", thousands(relay)),
             baseline: format!(
-                "{}/s least forwarder ({:.2} of {baseline_what})",
+                "{}/s {floor_what} ({:.2} of {baseline_what})",
                 thousands(floor),
                 floor / baseline.max(1e-9)
             ),
@@ -313,7 +320,7 @@ mod tests {
         assert_eq!(r.met, Some(false));
         assert_eq!(Row::rate("s", 1.0, 2.0, "raw", 0.7, false, None).met, None);
         // A reference row is never judged: it says what the floor reached.
-        let f = Row::reference("s", 800.0, 1000.0, 1250.0, "raw");
+        let f = Row::reference("s", 800.0, 1000.0, FLOOR, 1250.0, "raw");
         assert_eq!((f.met, f.ratio.as_str()), (None, "0.80"));
         assert_eq!(f.baseline, "1,000/s least forwarder (0.80 of raw)");
         assert_eq!(f.rates, Some((800.0, 1000.0)));

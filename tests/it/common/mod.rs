@@ -207,6 +207,30 @@ pub async fn queue_exists(queue: &str) -> bool {
     exists
 }
 
+/// Whether `exchange` exists on the broker (a passive declare on a side connection).
+pub async fn exchange_exists(exchange: &str) -> bool {
+    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
+        return false;
+    };
+    let exists = match conn.create_channel().await {
+        Ok(ch) => ch
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Direct,
+                lapin::options::ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    let _ = conn.close(200, "checked".into()).await;
+    exists
+}
+
 /// A side connection to the broker for inspecting queues.
 pub struct Inspector {
     conn: Connection,
