@@ -382,6 +382,8 @@ struct Floor {
     tag: String,
     /// Keys its broker CPU figures.
     key: String,
+    /// Its name in the per-round lines.
+    label: &'static str,
     /// Its row's name after the scenario's.
     scenario: &'static str,
     /// What its baseline column calls it.
@@ -396,6 +398,7 @@ impl Floor {
             queue: format!("{prefix}.bench-floor"),
             tag: format!("{prefix}f"),
             key: format!("{number} floor"),
+            label: "floor",
             scenario: "the least a forwarder does",
             what: FLOOR,
         }
@@ -408,6 +411,7 @@ impl Floor {
             queue: format!("{prefix}.bench-floor-envelope"),
             tag: format!("{prefix}e"),
             key: format!("{number} floor envelope"),
+            label: "floor+env",
             scenario: "least forwarder + envelope",
             what: FLOOR_ENVELOPE,
         }
@@ -631,7 +635,7 @@ impl Bench {
         check_sent(what, &sent, n)?;
         let label = format!("{what}:");
         eprintln!(
-            "  round {round} {label:<9} {}/s, p50 {:.2} ms, p99 {:.2} ms, slowest {:.0} ms, {what} CPU s/10k {:.2}; {seen}",
+            "  round {round} {label:<10} {}/s, p50 {:.2} ms, p99 {:.2} ms, slowest {:.0} ms, {what} CPU s/10k {:.2}; {seen}",
             report::thousands(sent.rate()),
             sent.latency_ms(0.5),
             sent.latency_ms(0.99),
@@ -945,7 +949,7 @@ impl Bench {
                 let load = self.load(batch, process.url(RECEIVE), &f.tag, round, false, QUEUED);
                 least.push(
                     &self
-                        .measured_round("floor", process, &f.key, round, load, floor_cpu)
+                        .measured_round(f.label, process, &f.key, round, load, floor_cpu)
                         .await?,
                 );
             }
