@@ -4,11 +4,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use lapin::{Connection, ConnectionProperties};
 use webhook_relay::broker::Topology;
 use webhook_relay::retry::Ladder;
 
-use crate::common::{amqp_url, delete_topology_blocking, exchange_exists, queue_exists};
+use crate::common::{Inspector, amqp_url, delete_topology_blocking, exchange_exists, queue_exists};
 
 /// Runs `relay-bench --smoke --only 3` with `relay` as the relay binary.
 fn smoke_queue_first(relay: &str) -> (i32, String) {
@@ -169,17 +168,16 @@ fn an_interrupted_run_stops_its_relay_and_deletes_what_it_declared() {
     assert!(output.contains("SIGINT during scenario 3"), "{output}");
 }
 
-/// Deletes `queues`, as far as the broker lets it.
+/// Deletes `queues` (deleting one that is gone is no error).
 async fn delete_queues(queues: &[String]) {
-    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
-        return;
-    };
+    let inspector = Inspector::connect().await;
     for q in queues {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-        }
+        let _ = inspector
+            .channel()
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
     }
-    let _ = conn.close(200, "test teardown".into()).await;
+    inspector.close().await;
 }
 
 /// The topology the benchmark's relays declare for `prefix`: its ladder is

@@ -391,30 +391,35 @@ struct Floor {
 }
 
 impl Floor {
-    /// The least a forwarder does: bare messages, as the raw publisher's.
-    fn bare(prefix: &str, number: u8) -> Self {
+    /// The least a forwarder does: bare messages, as the raw publisher's; with
+    /// `envelope`, storing the relay's envelope (SPEC §2) instead.
+    fn new(prefix: &str, number: u8, envelope: bool) -> Self {
+        let (tag, key, label, scenario, what) = if envelope {
+            (
+                "e",
+                "floor envelope",
+                "floor+env",
+                "least forwarder + envelope",
+                FLOOR_ENVELOPE,
+            )
+        } else {
+            ("f", "floor", "floor", "the least a forwarder does", FLOOR)
+        };
         Self {
-            envelope: false,
-            queue: format!("{prefix}.bench-floor"),
-            tag: format!("{prefix}f"),
-            key: format!("{number} floor"),
-            label: "floor",
-            scenario: "the least a forwarder does",
-            what: FLOOR,
+            envelope,
+            queue: Self::queue(prefix, envelope),
+            tag: format!("{prefix}{tag}"),
+            key: format!("{number} {key}"),
+            label,
+            scenario,
+            what,
         }
     }
 
-    /// The same, storing the relay's envelope (SPEC §2).
-    fn enveloped(prefix: &str, number: u8) -> Self {
-        Self {
-            envelope: true,
-            queue: format!("{prefix}.bench-floor-envelope"),
-            tag: format!("{prefix}e"),
-            key: format!("{number} floor envelope"),
-            label: "floor+env",
-            scenario: "least forwarder + envelope",
-            what: FLOOR_ENVELOPE,
-        }
+    /// The queue a floor of the scenario with `prefix` publishes to.
+    fn queue(prefix: &str, envelope: bool) -> String {
+        let suffix = if envelope { "-envelope" } else { "" };
+        format!("{prefix}.bench-floor{suffix}")
     }
 }
 
@@ -928,9 +933,9 @@ impl Bench {
             .start_relay("receiver", prefix, &[("INLINE_DELIVERY", "false".into())])
             .await?;
         let channel = self.amqp.create_channel().await?;
-        let mut floors = vec![Floor::bare(prefix, number)];
+        let mut floors = vec![Floor::new(prefix, number, false)];
         if number == 3 {
-            floors.push(Floor::enveloped(prefix, number));
+            floors.push(Floor::new(prefix, number, true));
         }
         let mut running = Vec::new();
         for f in &floors {
@@ -1432,8 +1437,8 @@ impl Bench {
         names.sort();
         names.dedup();
         names.push(format!("{prefix}.bench-raw"));
-        names.push(Floor::bare(prefix, 0).queue);
-        names.push(Floor::enveloped(prefix, 0).queue);
+        names.push(Floor::queue(prefix, false));
+        names.push(Floor::queue(prefix, true));
         let connection = match amqp::connect(&self.args.amqp_url).await {
             Ok(c) => c,
             Err(e) => {

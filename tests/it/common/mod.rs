@@ -194,41 +194,45 @@ pub fn delete_topology_blocking(topology: Topology) {
 /// Whether `queue` exists now (a passive declare on a channel of its own, since a
 /// failed one closes the channel).
 pub async fn queue_exists(queue: &str) -> bool {
-    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
-        return false;
-    };
-    let exists = match conn.create_channel().await {
-        Ok(ch) => webhook_relay::broker::topology::peek(&ch, queue)
+    on_side_channel(async |ch| {
+        webhook_relay::broker::topology::peek(ch, queue)
             .await
-            .is_ok(),
-        Err(_) => false,
-    };
-    let _ = conn.close(200, "checked".into()).await;
-    exists
+            .is_ok()
+    })
+    .await
 }
 
-/// Whether `exchange` exists on the broker (a passive declare on a side connection).
+/// Whether `exchange` exists now (a passive declare, as for a queue).
 pub async fn exchange_exists(exchange: &str) -> bool {
+    on_side_channel(async |ch| {
+        let passive = lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Direct,
+            passive,
+            Default::default(),
+        )
+        .await
+        .is_ok()
+    })
+    .await
+}
+
+/// `check` on a channel of a connection of its own, closed after; false when the
+/// broker cannot be reached.
+async fn on_side_channel(check: impl AsyncFnOnce(&lapin::Channel) -> bool) -> bool {
     let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
         return false;
     };
-    let exists = match conn.create_channel().await {
-        Ok(ch) => ch
-            .exchange_declare(
-                exchange.into(),
-                lapin::ExchangeKind::Direct,
-                lapin::options::ExchangeDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .is_ok(),
+    let answer = match conn.create_channel().await {
+        Ok(ch) => check(&ch).await,
         Err(_) => false,
     };
     let _ = conn.close(200, "checked".into()).await;
-    exists
+    answer
 }
 
 /// A side connection to the broker for inspecting queues.
