@@ -3,6 +3,7 @@
 
 pub mod admin;
 mod auth;
+mod linger;
 mod receive;
 pub mod server;
 pub mod tls;

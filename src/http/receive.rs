@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
+use super::linger::{LINGER, Lingering};
 use super::{Answer, ApiError, auth};
 use crate::broker::{PublishError, Target};
 use crate::envelope::Envelope;
@@ -55,6 +56,19 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
     // Until the body is parsed, the only id available is the sender's key (or a new one).
     let early_id = || event::event_id(&headers, None).unwrap_or_else(event::new_event_id);
     let cfg = &relay.config;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // A request answered before its body is read to the end has the rest read and thrown
+    // away after the answer (src/http/linger.rs): the sender reads the answer, not a reset.
+    let body = Lingering::new(
+        body,
+        &headers,
+        declared,
+        cfg.max_body_bytes,
+        LINGER.min(cfg.request_timeout),
+    );
 
     if !auth::check_headers(&cfg.inbound, &headers) {
         return Err(unauthorized(early_id()));
@@ -77,10 +91,6 @@ async fn receive(relay: &Relay, name: Option<String>, headers: HeaderMap, body: 
             early_id(),
         )
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > cfg.max_body_bytes as u64) {
         return Err(too_large());
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::downstream::{Downstream, Reply};
 use crate::support::{Cluster, Relay, queue_counts, report, send_all, serial, topology};
-use crate::{prefix, wait_until};
+use crate::{prefix, wait_delivered, wait_until};
 
 /// The node `/readyz` says the relay uses (its AMQP port), or `None` while not ready.
 async fn node_in_use(http: &reqwest::Client, relay: &Relay) -> Option<u16> {
@@ -106,15 +106,7 @@ async fn losing_the_node_in_use_fails_over_and_loses_nothing() {
 
     let sent = sender.await.unwrap();
     assert_eq!(sent.accepted.len(), total);
-    wait_until(
-        Duration::from_secs(120),
-        "every accepted event delivered",
-        || {
-            let delivered = down.delivered();
-            sent.accepted.iter().all(|id| delivered.contains_key(id))
-        },
-    )
-    .await;
+    wait_delivered(&down, &sent.accepted, Duration::from_secs(120)).await;
     let (duplicates, lost) = report("cluster failover", total, &down.delivered(), &sent.accepted);
     println!(
         "cluster failover: work queue replicas {replicas} ({work_line:?}); node :{first} stopped, ready on :{second} after {took_first:?}; node :{in_use} stopped, ready on :{third} after {took_second:?}; 503s seen by the sender {}, duplicates {duplicates}, lost {lost}",

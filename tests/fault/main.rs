@@ -33,6 +33,15 @@ async fn wait_until<F: FnMut() -> bool>(timeout: Duration, what: &str, mut f: F)
     }
 }
 
+/// Waits until the downstream has had every event in `accepted` (the ids answered 2xx).
+async fn wait_delivered(down: &Downstream, accepted: &[String], timeout: Duration) {
+    wait_until(timeout, "every accepted event delivered", || {
+        let delivered = down.delivered();
+        accepted.iter().all(|id| delivered.contains_key(id))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_during_a_queue_first_flow_loses_nothing() {
     let _serial = serial().await;

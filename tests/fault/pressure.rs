@@ -10,7 +10,7 @@ use crate::common::downstream::{Downstream, Reply};
 use crate::support::{
     Node, Relay, queue_counts, queue_first_env, report, send_all, serial, topology,
 };
-use crate::{prefix, wait_until};
+use crate::{prefix, wait_delivered, wait_until};
 
 fn body(id: &str) -> String {
     format!(
@@ -194,11 +194,7 @@ async fn disk_alarm_in_serve_keeps_workers_acking_and_sigterm_exits_in_time() {
     let mut relay = Relay::spawn("serve", &env);
     relay.wait_ready(&http).await;
     // The one publish written as the block started may land when it ends (SPEC §4.2).
-    wait_until(Duration::from_secs(60), "every event delivered", || {
-        let delivered = down.delivered();
-        sent.accepted.iter().all(|id| delivered.contains_key(id))
-    })
-    .await;
+    wait_delivered(&down, &sent.accepted, Duration::from_secs(60)).await;
     let (_, lost) = report("alarm, serve", total, &down.delivered(), &sent.accepted);
     assert_eq!(lost, 0);
     assert_eq!(relay.terminate(Duration::from_secs(10)).await, Some(0));

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use webhook_relay::app::Role;
 
 use crate::common::downstream::{Downstream, Reply};
+use crate::common::raw_http::{post_head, send_then_read};
 use crate::common::{Inspector, TestApp};
 
 #[tokio::test]
@@ -153,4 +154,81 @@ async fn past_max_connections_new_connections_are_closed_at_once() {
         .unwrap();
     assert_eq!(r.status(), 200, "a slot freed up");
     drop(idle_b);
+}
+
+/// A sender answered before its body is read (the budget full: 503; a declared length
+/// over `MAX_BODY_BYTES`: 413) must be able to finish sending and read its answer. A
+/// relay that closes with the body unread resets the connection: the sender's write
+/// fails, and an HTTP client that is still writing (reqwest, in the 1,000-event burst)
+/// reports that error instead of the 503 and its `Retry-After` (SPEC §4.5).
+#[tokio::test]
+async fn a_large_body_refused_unread_is_answered_not_reset() {
+    let down = Downstream::start(Reply::Slow(Duration::from_millis(1500))).await;
+    let app = TestApp::spawn(
+        Role::Receiver,
+        &[
+            ("DOWNSTREAM_URL", &down.url()),
+            ("MAX_BODY_BYTES", "8000000"),
+            ("MAX_INFLIGHT_BYTES", "8000000"),
+            ("INTAKE_WAIT_MS", "100"),
+        ],
+    )
+    .await;
+    // Larger than what the kernel's socket buffers take in on loopback, so that a
+    // sender is still writing when the answer comes.
+    let body = |id: &str, size: usize| {
+        format!(
+            r#"{{"id":"{id}","pad":"{}"}}"#,
+            "x".repeat(size.saturating_sub(20))
+        )
+    };
+    // Four hold 7.6 MB of the budget for their 1.5 s inline attempts (each under the
+    // test downstream's own 2 MB body limit).
+    let holders: Vec<_> = (0..4)
+        .map(|i| {
+            let (http, url, b) = (
+                app.http.clone(),
+                app.url("/webhook/receive"),
+                body(&format!("large-hold-{i}"), 1_900_000),
+            );
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(b)
+                    .send()
+                    .await;
+                r.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (id, size, status) in [("large-503", 6_000_000, 503), ("large-413", 9_000_000, 413)] {
+        let b = body(id, size);
+        let mut request = post_head("/webhook/receive", &[], Some(b.len()));
+        request.extend_from_slice(b.as_bytes());
+        let (sent, answer) = send_then_read(app.addr, &request, Duration::from_secs(10)).await;
+        assert_eq!(
+            sent.map_err(|e| e.kind())
+                .map(|()| answer.as_ref().map(|a| a.status)),
+            Ok(Some(status)),
+            "{id}: the whole request written, then its answer read"
+        );
+        if status == 503 {
+            assert!(
+                answer
+                    .unwrap()
+                    .head
+                    .to_ascii_lowercase()
+                    .contains("retry-after:")
+            );
+        }
+    }
+    for holder in holders {
+        assert_eq!(holder.await.unwrap(), Ok(200));
+    }
+    assert!(down.for_id("large-503").is_empty() && down.for_id("large-413").is_empty());
+    let inspect = Inspector::connect().await;
+    assert_eq!(inspect.total(app.topology()).await, 0, "nothing stored");
+    inspect.close().await;
 }

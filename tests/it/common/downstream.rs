@@ -198,7 +198,11 @@ impl Downstream {
 fn router(default: Reply) -> (Router, Arc<Shared>) {
     let shared = Arc::new(Shared::default());
     *shared.default.lock().unwrap() = Some(default);
-    let app = Router::new().fallback(handle).with_state(shared.clone());
+    // As large a body as any test lets the relay take in (axum's default is 2 MB).
+    let app = Router::new()
+        .fallback(handle)
+        .layer(axum::extract::DefaultBodyLimit::max(16 << 20))
+        .with_state(shared.clone());
     (app, shared)
 }
 

@@ -102,6 +102,26 @@ pub async fn exchange(addr: SocketAddr, head: Vec<u8>, feed: Feed, deadline: Dur
     Exchange { response, written }
 }
 
+/// A sender that writes its whole `request` first and reads the answer only then, as
+/// the simplest clients do: the write's outcome and the answer read after it (`None`
+/// when the connection closed without one). Panics past `deadline`.
+pub async fn send_then_read(
+    addr: SocketAddr,
+    request: &[u8],
+    deadline: Duration,
+) -> (std::io::Result<()>, Option<RawResponse>) {
+    let stream = TcpStream::connect(addr)
+        .await
+        .expect("relay accepts connections");
+    let (mut reader, mut writer) = stream.into_split();
+    tokio::time::timeout(deadline, async {
+        let sent = writer.write_all(request).await;
+        (sent, read_response(&mut reader).await)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not written and answered within {deadline:?}"))
+}
+
 /// Reads one response: the head, then a `content-length` body (or to the close).
 async fn read_response(reader: &mut tokio::net::tcp::OwnedReadHalf) -> Option<RawResponse> {
     let mut buf = Vec::new();
