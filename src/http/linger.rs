@@ -28,8 +28,12 @@ pub const LINGER: Duration = Duration::from_secs(5);
 /// bounded amount, for a bounded time) in a task of its own and throws it away.
 pub struct Lingering {
     body: Option<Body>,
+    /// Nothing is left to read: the body ended (or failed), or its sender waits for a
+    /// `100 Continue` before sending any. A chunked body's end shows only here.
     ended: bool,
+    /// The most read and discarded after an early answer.
     max_bytes: usize,
+    /// The longest that takes.
     within: Duration,
 }
 
@@ -124,18 +128,6 @@ async fn discard(mut body: Body, max_bytes: usize, within: Duration) {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    http::HeaderName::from_static(k),
-                    http::HeaderValue::from_static(v),
-                )
-            })
-            .collect()
-    }
-
     /// A body that counts how much of it was read, over a channel the test feeds.
     fn fed_body() -> (
         tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
@@ -148,16 +140,15 @@ mod tests {
         (tx, Body::new(http_body_util::StreamBody::new(stream)))
     }
 
+    /// Wraps `body` as the handler does and drops it before reading any of it.
+    fn dropped_unread(body: Body, headers: &HeaderMap, max_bytes: usize) {
+        drop(Lingering::new(body, headers, None, max_bytes, LINGER));
+    }
+
     #[tokio::test]
     async fn a_body_dropped_unread_is_read_to_its_end() {
         let (tx, body) = fed_body();
-        drop(Lingering::new(
-            body,
-            &HeaderMap::new(),
-            None,
-            1 << 20,
-            Duration::from_secs(5),
-        ));
+        dropped_unread(body, &HeaderMap::new(), 1 << 20);
         // The discarding task takes every piece the sender still sends.
         for _ in 0..10 {
             let sent = tokio::time::timeout(
@@ -172,13 +163,7 @@ mod tests {
     #[tokio::test]
     async fn discarding_stops_past_its_byte_limit() {
         let (tx, body) = fed_body();
-        drop(Lingering::new(
-            body,
-            &HeaderMap::new(),
-            None,
-            2500,
-            Duration::from_secs(5),
-        ));
+        dropped_unread(body, &HeaderMap::new(), 2500);
         let mut sent = 0;
         while tokio::time::timeout(
             Duration::from_millis(500),
@@ -207,13 +192,12 @@ mod tests {
     #[tokio::test]
     async fn a_sender_waiting_for_100_continue_is_not_read() {
         let (tx, body) = fed_body();
-        drop(Lingering::new(
-            body,
-            &headers(&[("expect", "100-continue")]),
-            None,
-            1 << 20,
-            Duration::from_secs(5),
-        ));
+        let mut expects = HeaderMap::new();
+        expects.insert(
+            header::EXPECT,
+            http::HeaderValue::from_static("100-continue"),
+        );
+        dropped_unread(body, &expects, 1 << 20);
         tokio::task::yield_now().await;
         assert!(tx.is_closed(), "the body was dropped, not read");
     }

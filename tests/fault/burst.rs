@@ -75,21 +75,17 @@ async fn burst(url: &str, tag: &str, n: usize, size: usize) -> Burst {
                 .await
             {
                 Ok(r) => (r.status().as_u16(), None),
-                Err(e) => (0, Some(error_chain(&e))),
+                Err(e) => (0, Some(webhook_relay::error_chain(&e))),
             };
             (id, code, started.elapsed(), error)
         }
     }))
     .await;
-    let mut unanswered = std::collections::BTreeMap::new();
-    for error in results.iter().filter_map(|r| r.3.clone()) {
-        *unanswered.entry(error).or_default() += 1;
-    }
     let mut took: Vec<Duration> = results.iter().map(|r| r.2).collect();
     took.sort();
     Burst {
         codes: results.iter().map(|r| r.1).collect(),
-        unanswered,
+        unanswered: tally(results.iter().filter_map(|r| r.3.clone())),
         p99: took[took.len() * 99 / 100],
         accepted: results
             .into_iter()
@@ -99,22 +95,11 @@ async fn burst(url: &str, tag: &str, n: usize, size: usize) -> Burst {
     }
 }
 
-/// An error and its sources on one line ("error sending request: ... : connection reset").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
-}
-
-fn tally(codes: &[u16]) -> std::collections::BTreeMap<u16, usize> {
+/// How many times each item occurs.
+fn tally<T: Ord>(items: impl IntoIterator<Item = T>) -> std::collections::BTreeMap<T, usize> {
     let mut t = std::collections::BTreeMap::new();
-    for c in codes {
-        *t.entry(*c).or_default() += 1;
+    for item in items {
+        *t.entry(item).or_default() += 1;
     }
     t
 }
@@ -140,7 +125,7 @@ async fn a_burst_of_large_events_keeps_memory_bounded_and_loses_nothing() {
         let sent = burst(&relay.url("/webhook/receive"), &p, 1000, 250_000).await;
         let answered_in = started.elapsed();
         let peak_burst = peak_rss_mib(relay.pid());
-        let counts = tally(&sent.codes);
+        let counts = tally(sent.codes.iter().copied());
         let refused = counts.get(&503).copied().unwrap_or(0);
         wait_delivered(&down, &sent.accepted, Duration::from_secs(120)).await;
         let peak = peak_rss_mib(relay.pid());
@@ -202,7 +187,7 @@ async fn a_burst_refused_unread_is_answered_never_reset() {
         let http = reqwest::Client::new();
         relay.wait_ready(&http).await;
         let sent = burst(&relay.url("/webhook/receive"), &p, n, size).await;
-        let counts = tally(&sent.codes);
+        let counts = tally(sent.codes.iter().copied());
         wait_delivered(&down, &sent.accepted, Duration::from_secs(120)).await;
         let peak = peak_rss_mib(relay.pid());
         println!(

@@ -151,6 +151,20 @@ impl TestApp {
         req.send().await.expect("request reaches the relay")
     }
 
+    /// POSTs a JSON body to `path` from a task of its own (to hold the relay busy while
+    /// the test goes on); the task gives the answer's status, or the error as text.
+    pub fn post_in_background(&self, path: &str, body: String) -> JoinHandle<Result<u16, String>> {
+        let request = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        tokio::spawn(async move {
+            let r = request.send().await;
+            r.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
+        })
+    }
+
     /// Stops the app gracefully and waits for it to finish.
     pub async fn stop(&mut self) {
         self.cancel.cancel();
